@@ -1,0 +1,10 @@
+"""Sybil: a from-scratch GPT-2 inference engine with lossless speculative decoding."""
+
+from sybil.config import GPTConfig
+from sybil.engine import Generation, generate
+from sybil.errors import SybilError
+from sybil.kv_cache import KVCache
+from sybil.loader import load_model
+from sybil.model import GPT
+
+__all__ = ["GPT", "GPTConfig", "Generation", "KVCache", "SybilError", "generate", "load_model"]

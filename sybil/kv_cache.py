@@ -1,0 +1,91 @@
+"""The key/value cache: preallocated once, written at explicit positions, rewound in O(1).
+
+Every row of the batch has its own length pointer. Entries at positions below a
+row's length are valid; anything beyond it is stale and is never attended to,
+because the attention mask admits key position j for a query at position p only
+when j <= p, and a query at position p is only ever run after positions 0..p of
+its row have been (re)written. So rewinding a row never touches the buffers: it
+only moves that row's pointer, and the next write overwrites the stale slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sybil.config import GPTConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Kept on the CPU: the engine reads it every step to decide spans and
+        # positions, and a device tensor would force a host sync each time.
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+
+    @classmethod
+    def for_model(
+        cls,
+        config: GPTConfig,
+        batch: int = 1,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "KVCache":
+        max_len = config.n_positions if max_len is None else max_len
+        if not 0 < max_len <= config.n_positions:
+            raise ValueError(f"cache length {max_len} must be in 1..{config.n_positions}")
+        return cls(config.n_layer, batch, config.n_head, max_len, config.head_dim, dtype=dtype, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def next_positions(self, t: int) -> torch.Tensor:
+        """Positions [B, T] at which T new tokens per row would be written."""
+        return self.lengths[:, None] + torch.arange(t)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store k, v [B, H, T, D] at positions pos [B, T] (contiguous runs per row)."""
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"position {int(pos.max())} is past the cache length {self.max_len}")
+        if pos.shape[0] == 1:
+            p0, t = int(pos[0, 0]), pos.shape[1]
+            self.k[layer, :, :, p0 : p0 + t] = k
+            self.v[layer, :, :, p0 : p0 + t] = v
+            return
+        rows = torch.arange(pos.shape[0], device=self.k.device)[:, None]  # [B, 1]
+        idx = pos.to(self.k.device)
+        # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
+        self.k[layer, rows, :, idx] = k.transpose(1, 2)
+        self.v[layer, rows, :, idx] = v.transpose(1, 2)
+
+    def view(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, span, D] of one layer: a view, never a copy."""
+        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+
+    def truncate(self, lengths: torch.Tensor | list[int] | int) -> None:
+        """Rewind rows to the given lengths. O(1): only the pointers move."""
+        new = torch.as_tensor(lengths, dtype=torch.long).expand(self.batch).clone()
+        if (new < 0).any() or (new > self.lengths).any():
+            raise ValueError(f"cannot truncate lengths {self.lengths.tolist()} to {new.tolist()}")
+        self.lengths = new
+
+    def reset(self) -> None:
+        self.lengths = torch.zeros_like(self.lengths)

@@ -1,0 +1,113 @@
+"""GPT-2, written out: token + position embeddings, pre-norm blocks, tied LM head.
+
+Module names follow the Hugging Face checkpoint (wte, h.N.attn.c_attn, ...) so the
+loader's key map is nearly the identity; the four Conv1D weights are stored as
+plain nn.Linear weights, transposed once at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sybil.config import GPTConfig
+from sybil.kv_cache import KVCache
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # [B, T, C] -> [B, H, T, D]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cache.write(layer, k, v, pos)
+            k_all, v_all = cache.view(layer, mask.shape[-1])
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, H, T, D] -> [B, T, C]
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in every GPT-2 checkpoint
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, input_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for every position of idx [B, T].
+
+        With a cache, the tokens are written at input_pos [B, T] (default: each
+        row's length pointer onwards), attend to everything at or before their own
+        position, and each row's pointer ends just after its last written position.
+        Verification needs the logits of every position, so none are dropped.
+        """
+        B, T = idx.shape
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)[None].expand(B, T) if input_pos is None else input_pos
+            mask = None
+        else:
+            pos = cache.next_positions(T) if input_pos is None else input_pos.cpu()
+            span = int(pos.max()) + 1
+            # A key at position j is visible to a query at position p iff j <= p: [B, 1, T, span].
+            mask = (torch.arange(span)[None, None, :] <= pos[:, :, None])[:, None].to(idx.device)
+        if int(pos.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(pos.max())} exceeds the model's context of {self.config.n_positions}")
+        pos = pos.to(idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for layer, block in enumerate(self.h):
+            x = block(x, mask, cache, layer, pos)
+        if cache is not None:
+            cache.lengths = pos[:, -1].cpu() + 1
+        return self.lm_head(self.ln_f(x))
