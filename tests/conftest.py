@@ -1,0 +1,76 @@
+"""Shared fixtures: checkpoints written by `transformers` with seeded random weights.
+
+Acceptance rates between random models mean nothing; these checkpoints exist to
+check that sybil computes exactly what the reference computes on the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),
+}
+
+
+def write_hf_checkpoint(path: Path, seed: int, **config) -> Path:
+    """Save GPT2LMHeadModel(GPT2Config(**config)) with weights from the given seed."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the reference) is not installed")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: hf_checkpoint(name, seed=0, **overrides) -> checkpoint dir (cached per session)."""
+    made: dict[tuple, Path] = {}
+
+    def make(name: str, seed: int = 0, **overrides) -> Path:
+        key = (name, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"{name}-{seed}")
+            made[key] = write_hf_checkpoint(path, seed, **{**SHAPES.get(name, {}), **overrides})
+        return made[key]
+
+    return make
+
+
+def hf_model(path: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def noisy_copy(model, sigma: float, seed: int):
+    """The same model with Gaussian noise on every weight: a draft that mostly agrees."""
+    import copy
+
+    noisy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * sigma)
+    return noisy
+
+
+@pytest.fixture(scope="session")
+def eos_checkpoint(tmp_path_factory, hf_checkpoint):
+    """The 'small' model with <|endoftext|>'s embedding aimed at token X = 1000: it
+    then predicts end-of-text mostly right after X, so an EOS can land mid-sequence."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    src = hf_checkpoint("small")
+    t = load_file(src / "model.safetensors")
+    t["transformer.wte.weight"][50256] = 8.0 * t["transformer.wte.weight"][1000]
+    out = tmp_path_factory.mktemp("eos")
+    save_file(t, out / "model.safetensors")
+    shutil.copy(src / "config.json", out / "config.json")
+    return out

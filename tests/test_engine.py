@@ -1,0 +1,178 @@
+"""Generation and the speculative scheduler: lossless output, rewinds, telemetry, edges."""
+
+import pytest
+import torch
+
+import sybil
+from conftest import hf_model, noisy_copy
+from sybil.engine import Decoder
+from sybil.errors import SybilError
+from sybil.kv_cache import KVCache
+from sybil.drafters import ModelDrafter
+from sybil.sampling import SamplingParams
+from sybil.tokenizer import EOT_ID
+
+torch.set_grad_enabled(False)
+SPEC = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=2048, n_positions=128, initializer_range=0.1)
+NEAR_TIE = 1e-4  # fp32 logits of a 1-token and a (k+1)-token forward differ by ~1e-6 here
+N_PROMPTS, NEW = 50, 20
+
+
+@pytest.fixture(scope="module")
+def spec(hf_checkpoint):
+    path = hf_checkpoint("spec", **SPEC)
+    target = sybil.load_model(path)
+    independent = sybil.load_model(hf_checkpoint("spec-draft", seed=1, **{**SPEC, "initializer_range": 0.3}))
+    drafts = {"independent": independent, "self": target, "noisy": noisy_copy(target, 0.02, seed=0)}
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(0, SPEC["vocab_size"], (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(N_PROMPTS)
+    ]
+    plain = [sybil.generate(target, p, NEW, stop_at_eos=False).tokens for p in prompts]
+    return path, target, drafts, prompts, plain
+
+
+def _top2_gap(model, seq):
+    top2 = model(torch.tensor([seq]).long())[0, -1].double().topk(2).values
+    return float(top2[0] - top2[1])
+
+
+def _assert_same_or_near_tie(model, prompt, got, want):
+    if got == want:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+    gap = _top2_gap(model, prompt + want[:i])
+    assert gap < NEAR_TIE, f"outputs differ at step {i} where the target's top-2 gap is {gap:.3g}, not a near-tie"
+
+
+def test_plain_greedy_equals_transformers_generate(spec):
+    path, target, _, prompts, plain = spec
+    ref = hf_model(path)
+    for p, mine in zip(prompts, plain):
+        want = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, len(p) :]
+        _assert_same_or_near_tie(target, p, mine, want.tolist())
+
+
+@pytest.mark.parametrize("draft_name, lo, hi", [("independent", 0.0, 0.1), ("noisy", 0.05, 0.85), ("self", 0.95, 1.0)])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_speculative_greedy_equals_target_greedy(spec, draft_name, lo, hi, k):
+    _, target, drafts, prompts, plain = spec
+    drafted = accepted = 0
+    for p, want in zip(prompts, plain):
+        out = sybil.generate(target, p, NEW, draft=drafts[draft_name], k=k, stop_at_eos=False)
+        _assert_same_or_near_tie(target, p, out.tokens, want)
+        drafted += out.stats["drafted"]
+        accepted += out.stats["accepted"]
+    # The three drafts span the acceptance range, so rejections and full runs are both exercised.
+    assert lo <= accepted / drafted <= hi
+
+
+@pytest.mark.parametrize("draft", ["ngram", "auto-self"])
+def test_ngram_and_auto_are_lossless_too(spec, draft):
+    _, target, drafts, prompts, plain = spec
+    for p, want in zip(prompts[:20], plain[:20]):
+        if draft == "ngram":
+            out = sybil.generate(target, p, NEW, draft="ngram", k=4, stop_at_eos=False)
+        else:
+            out = sybil.generate(target, p, NEW, draft=drafts["noisy"], k="auto", stop_at_eos=False)
+        _assert_same_or_near_tie(target, p, out.tokens, want)
+
+
+def test_rewind_leaves_caches_as_a_fresh_run_would(spec):
+    """After every round, the live part of both caches equals a fresh prefill of the
+    committed tokens (the target's holds all but the last one)."""
+    _, target, drafts, prompts, _ = spec
+    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128)
+    dec = Decoder(target, prompts[3], 128, SamplingParams(), drafter)
+    rejections = 0
+    for _ in range(8):
+        r = dec.round(4)
+        rejections += r.n_accepted < len(r.drafts)
+        for model, cache in ((target, dec.cache), (drafts["noisy"], drafter.cache)):
+            n = int(cache.lengths[0])
+            assert n <= len(dec.seq) - 1 if cache is dec.cache else n <= len(dec.seq)
+            fresh = KVCache.for_model(model.config, 1, 128)
+            model(torch.tensor([dec.seq[:n]]), fresh)
+            assert torch.allclose(cache.k[:, :, :, :n], fresh.k[:, :, :, :n], atol=1e-5)
+            assert torch.allclose(cache.v[:, :, :, :n], fresh.v[:, :, :, :n], atol=1e-5)
+        assert int(dec.cache.lengths[0]) == len(dec.seq) - 1
+    assert rejections > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, "auto"])
+def test_telemetry_adds_up(spec, k):
+    _, target, drafts, prompts, _ = spec
+    out = sybil.generate(target, prompts[0], 30, draft=drafts["noisy"], k=k, stop_at_eos=False)
+    s = out.stats
+    assert s["accepted"] + s["rejected"] == s["drafted"]
+    assert len(out.tokens) == s["accepted"] + s["target_tokens"] == 30
+    assert s["target_tokens"] == s["rounds"]  # no EOS: every round commits its target token
+    assert sum(s["accept_histogram"]) == s["accepted"]
+    assert s["mean_accepted"] == pytest.approx(30 / s["rounds"])
+    assert s["acceptance_rate"] == pytest.approx(s["accepted"] / s["drafted"])
+    assert s["time_draft_s"] + s["time_verify_s"] + s["time_other_s"] == pytest.approx(s["total_s"], rel=1e-6)
+
+
+def test_last_round_never_drafts_past_max_tokens(spec):
+    _, target, drafts, prompts, plain = spec
+    out = sybil.generate(target, prompts[1], 5, draft=drafts["self"], k=8, stop_at_eos=False)
+    assert out.tokens == plain[1][:5] and out.finish_reason == "length"
+    assert out.stats["drafted"] == 4  # one round: 4 drafts + the target's token
+
+
+def test_context_limit_stops_with_its_reason(spec):
+    _, target, drafts, _, _ = spec
+    prompt = list(range(120))  # context 128
+    out = sybil.generate(target, prompt, 50, draft=drafts["self"], k=8, stop_at_eos=False)
+    assert len(out.tokens) == 8 and out.finish_reason == "context"
+    plain = sybil.generate(target, prompt, 50, stop_at_eos=False)
+    assert plain.tokens == out.tokens
+
+
+def test_one_token_prompt_and_k1(spec):
+    _, target, drafts, _, _ = spec
+    want = sybil.generate(target, [7], 12, stop_at_eos=False).tokens
+    assert sybil.generate(target, [7], 12, draft=drafts["noisy"], k=1, stop_at_eos=False).tokens == want
+
+
+@pytest.mark.parametrize("k", [0, -2, 128, "seven"])
+def test_bad_k_is_an_error(spec, k):
+    _, target, drafts, _, _ = spec
+    with pytest.raises(SybilError, match="k must be"):
+        sybil.generate(target, [1, 2], 4, draft=drafts["self"], k=k)
+
+
+def test_vocabulary_mismatch_is_an_error(spec, hf_checkpoint):
+    _, target, _, _, _ = spec
+    other = sybil.load_model(hf_checkpoint("spec-v", **{**SPEC, "vocab_size": 1000}))
+    with pytest.raises(SybilError, match="vocabulary"):
+        sybil.generate(target, [1, 2], 4, draft=other)
+
+
+@pytest.mark.parametrize("prompt, message", [([], "empty"), ([5000], "outside the vocabulary"), ([1] * 128, "context")])
+def test_bad_prompts_are_errors(spec, prompt, message):
+    with pytest.raises(SybilError, match=message):
+        sybil.generate(spec[1], prompt, 4)
+
+
+def test_eos_inside_an_accepted_run_stops_exactly_there(eos_checkpoint):
+    model = sybil.load_model(eos_checkpoint)
+    prompt = [1000, 17, 1000]
+    plain = sybil.generate(model, prompt, 20)
+    assert plain.finish_reason == "eos" and plain.tokens[-1] == EOT_ID
+    spec = sybil.generate(model, prompt, 20, draft=model, k=8)
+    assert spec.tokens == plain.tokens and spec.finish_reason == "eos"
+    full = sybil.generate(model, prompt, 20, draft=model, k=8, stop_at_eos=False)
+    assert len(full.tokens) == 20 and full.tokens[: len(plain.tokens)] == plain.tokens
+
+
+def test_seeded_sampling_is_reproducible(spec):
+    _, target, drafts, prompts, _ = spec
+    runs = [
+        sybil.generate(target, prompts[2], 16, temperature=0.9, top_k=50, seed=11, draft=drafts["noisy"], k=3).tokens
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    other = sybil.generate(target, prompts[2], 16, temperature=0.9, top_k=50, seed=12, draft=drafts["noisy"], k=3)
+    assert other.tokens != runs[0]

@@ -1,0 +1,87 @@
+"""The cache: cached equals uncached, rewinding is a pointer move, stale entries stay invisible."""
+
+import pytest
+import torch
+
+import sybil
+from sybil.kv_cache import KVCache
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return sybil.load_model(hf_checkpoint("small"))
+
+
+def _seq(n, seed=0, vocab=50257):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cached_equals_uncached(model):
+    seq = _seq(48)
+    full = model(seq)[0]
+    cache = KVCache.for_model(model.config, 1, 64)
+    parts = [model(seq[:, :20], cache)[0]]
+    for t in range(20, 48, 7):  # multi-token chunks, as verification feeds them
+        parts.append(model(seq[:, t : t + 7], cache)[0])
+    assert torch.allclose(torch.cat(parts), full, atol=1e-5)
+    assert cache.lengths.tolist() == [48]
+
+
+def test_truncate_then_redecode_equals_fresh_run(model):
+    a, b = _seq(40, 1), _seq(10, 2)
+    cache = KVCache.for_model(model.config, 1, 64)
+    model(a, cache)
+    cache.truncate(25)
+    got = model(b, cache)[0]
+    fresh = model(torch.cat([a[:, :25], b], 1))[0, 25:]
+    assert torch.allclose(got, fresh, atol=1e-5)
+
+
+def test_truncate_is_a_pointer_move_and_stale_entries_are_never_attended(model):
+    cache = KVCache.for_model(model.config, 1, 64)
+    k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
+    model(_seq(50, 3), cache)
+    before = cache.k.clone()
+    cache.truncate(20)
+    assert cache.k.data_ptr() == k_ptr and cache.v.data_ptr() == v_ptr
+    assert torch.equal(cache.k, before)  # nothing copied, cleared or moved
+    # Poison everything past the pointer: a read of any stale slot would show.
+    cache.k[:, :, :, 20:] = float("nan")
+    cache.v[:, :, :, 20:] = 1e6
+    nxt = _seq(5, 4)
+    got = model(nxt, cache)[0]
+    fresh = model(torch.cat([_seq(50, 3)[:, :20], nxt], 1))[0, 20:]
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, fresh, atol=1e-5)
+
+
+def test_rows_have_their_own_pointers(model):
+    cache = KVCache.for_model(model.config, 2, 64)
+    seqs = torch.cat([_seq(30, 5), _seq(30, 6)])
+    model(seqs, cache)
+    cache.truncate([12, 30])
+    assert cache.lengths.tolist() == [12, 30]
+    # Row 0 continues at 12, row 1 at 30: positions come from each row's pointer.
+    step = _seq(2, 7).reshape(2, 1)
+    got = model(step, cache)[:, 0]
+    want0 = model(torch.cat([seqs[:1, :12], step[:1]], 1))[0, -1]
+    want1 = model(torch.cat([seqs[1:], step[1:]], 1))[0, -1]
+    assert torch.allclose(got[0], want0, atol=1e-5) and torch.allclose(got[1], want1, atol=1e-5)
+    assert cache.lengths.tolist() == [13, 31]
+
+
+def test_truncate_refuses_to_move_forward_or_below_zero(model):
+    cache = KVCache.for_model(model.config, 1, 16)
+    model(_seq(5), cache)
+    with pytest.raises(ValueError):
+        cache.truncate(6)
+    with pytest.raises(ValueError):
+        cache.truncate(-1)
+
+
+def test_writing_past_the_cache_is_an_error(model):
+    cache = KVCache.for_model(model.config, 1, 8)
+    with pytest.raises(ValueError, match="past the cache"):
+        model(_seq(9), cache)
