@@ -1,0 +1,95 @@
+"""The command line: streaming text, --json, --stats, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sybil.tokenizer import decode, encode
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "sybil.generate", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def small(hf_checkpoint):
+    return str(hf_checkpoint("small"))
+
+
+def test_json_output_and_streamed_text_agree(small):
+    common = ["--model", small, "--prompt", "Hello there, Sybil", "--max-new-tokens", "12", "--ignore-eos"]
+    j = _run(*common, "--json")
+    assert j.returncode == 0, j.stderr
+    rec = json.loads(j.stdout)
+    assert rec["prompt_ids"] == encode("Hello there, Sybil")
+    assert len(rec["tokens"]) == 12 and rec["finish_reason"] == "length"
+    assert rec["text"] == decode(rec["tokens"])
+    for key in ("prefill_ms", "decode_tokens_per_s", "rounds", "acceptance_rate", "time_verify_s"):
+        assert key in rec
+    streamed = _run(*common)
+    assert streamed.returncode == 0 and streamed.stdout == rec["text"] + "\n"
+    assert "length: 12 tokens" in streamed.stderr
+
+
+def test_speculative_cli_matches_plain_and_prints_stats(small):
+    args = ["--model", small, "--prompt-ids", "11,22,33", "--max-new-tokens", "10", "--json", "--ignore-eos"]
+    plain = json.loads(_run(*args).stdout)
+    r = _run(*args, "--draft", small, "--k", "3", "--stats")
+    spec = json.loads(r.stdout)
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["drafted"] > 0 and "tokens/round" in r.stderr
+
+
+def test_eos_stops_generation_and_is_reported(eos_checkpoint):
+    r = _run("--model", str(eos_checkpoint), "--prompt-ids", "1000,17,1000", "--max-new-tokens", "20", "--json")
+    rec = json.loads(r.stdout)
+    assert rec["finish_reason"] == "eos" and rec["tokens"][-1] == 50256
+    assert "<|endoftext|>" not in rec["text"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["--prompt", "hi", "--draft", "ngram", "--k", "0"], "k must be"),
+        (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        (["--prompt", "hi", "--dtype", "int8"], "unknown dtype"),
+        (["--prompt", "hi", "--device", "cuda"], "no CUDA device"),
+        (["--prompt", "hi", "--no-such-flag"], "unrecognized arguments"),
+        ([], "give a prompt"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(small, args, message, capsys):
+    from sybil.generate import main
+
+    try:
+        code = main(["--model", small, *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("sybil: dtype")]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_bad_input_from_a_real_process(small):
+    r = _run("--model", small, "--prompt", "hi", "--max-new-tokens", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == "error: max_new_tokens must be at least 1, got 0"
+
+
+def test_missing_preset_offline_says_where_to_put_files(tmp_path):
+    r = _run("--model", "distilgpt2", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "put config.json and model.safetensors in" in r.stderr.splitlines()[-1]
+
+
+def test_sybil_generate_stays_callable_after_importing_the_cli_module(hf_checkpoint):
+    import sybil
+    import sybil.generate  # rebinds the package attribute to the module
+
+    model = sybil.load_model(hf_checkpoint("small"))
+    assert sybil.generate(model, [1, 2, 3], 3).tokens == sybil.engine.generate(model, [1, 2, 3], 3).tokens

@@ -1,0 +1,116 @@
+"""Acceptance rules: greedy, and the speculative sampling rule preserving the target's distribution."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import sybil
+import sybil.engine
+from sybil.sampling import SamplingParams, probs_from_logits, sample
+from sybil.verify import accept_greedy, accept_sampled
+
+torch.set_grad_enabled(False)
+TINY = dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8, n_positions=16, initializer_range=0.6)
+PROMPT, NEW, N_SAMPLES = [1, 2], 3, 2000
+P_OK, P_BROKEN = 1e-3, 1e-6  # fixed seeds: each test's p-value is the same on every run
+
+
+def test_accept_greedy():
+    logits = torch.full((4, 10), -1.0)
+    for row, best in enumerate([3, 5, 7, 9]):
+        logits[row, best] = 1.0
+    assert accept_greedy([3, 5, 7], logits) == (3, 9)  # all accepted, bonus token
+    assert accept_greedy([3, 6, 7], logits) == (1, 5)  # second rejected, target's own token
+    assert accept_greedy([], logits[:1]) == (0, 3)  # plain step
+
+
+def test_one_position_output_is_distributed_as_p():
+    """Draw x ~ q, apply the rule: the emitted token is distributed exactly as p."""
+    p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=1.0)
+    p = probs_from_logits(p_logits[0], params).double().numpy()
+    p /= p.sum()
+    q = torch.tensor([0.05, 0.05, 0.6, 0.1, 0.2])
+    g = torch.Generator().manual_seed(0)
+    counts = np.zeros(5)
+    for _ in range(20000):
+        x = int(sample(q, g))
+        n, tok = accept_sampled([x], q[None], p_logits, params, g)
+        counts[x if n == 1 else tok] += 1
+    assert chisquare(counts, p * counts.sum()).pvalue > P_OK
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint):
+    target = sybil.load_model(hf_checkpoint("tiny-target", seed=3, **TINY))
+    draft = sybil.load_model(hf_checkpoint("tiny-draft", seed=4, **TINY))
+    return target, draft
+
+
+def _exact(target, params):
+    """P(continuation) for every continuation of NEW tokens, by enumeration."""
+    V = TINY["vocab_size"]
+    probs = {(): 1.0}
+    for _ in range(NEW):
+        prefixes = list(probs)
+        logits = target(torch.tensor([PROMPT + list(c) for c in prefixes]))[:, -1]
+        nxt = probs_from_logits(logits, params)
+        probs = {c + (t,): probs[c] * float(nxt[i, t]) for i, c in enumerate(prefixes) for t in range(V)}
+    return probs
+
+
+def _chi2_pvalue(target, draft, params, k):
+    exact = _exact(target, params)
+    seen: dict[tuple, int] = {}
+    for seed in range(N_SAMPLES):
+        out = sybil.generate(target, PROMPT, NEW, temperature=params.temperature, top_k=params.top_k,
+                             top_p=params.top_p, seed=seed, stop_at_eos=False, draft=draft, k=k)
+        seen[tuple(out.tokens)] = seen.get(tuple(out.tokens), 0) + 1
+    assert set(seen) <= {c for c, p in exact.items() if p > 0}, "sampled a continuation the target forbids"
+    # Pool the rare continuations into one bin so every expected count is >= 5.
+    cells = sorted((c for c in exact if exact[c] > 0), key=exact.get, reverse=True)
+    big = [c for c in cells if exact[c] * N_SAMPLES >= 5]
+    rest = [c for c in cells if exact[c] * N_SAMPLES < 5]
+    obs = [seen.get(c, 0) for c in big] + [sum(seen.get(c, 0) for c in rest)] * bool(rest)
+    exp = [exact[c] * N_SAMPLES for c in big] + [sum(exact[c] for c in rest) * N_SAMPLES] * bool(rest)
+    assert len(big) >= 10
+    p = chisquare(obs, np.array(exp) * sum(obs) / sum(exp)).pvalue
+    print(f"chi-square p = {p:.3g} over {len(obs)} bins")
+    return p
+
+
+SETTINGS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=4),
+    SamplingParams(temperature=1.3, top_p=0.8),
+]
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=["t1", "t0.7-topk4", "t1.3-topp0.8"])
+def test_speculative_samples_follow_the_target_distribution(tiny, params):
+    target, draft = tiny
+    assert _chi2_pvalue(target, draft, params, k=2) > P_OK
+
+
+def test_ngram_drafts_preserve_the_distribution(tiny):
+    target, _ = tiny
+    assert _chi2_pvalue(target, "ngram", SETTINGS[0], k=2) > P_OK
+
+
+def _broken_rule(draft, draft_probs, target_logits, params, generator):
+    """The classic mistake: after a rejection, resample from p instead of max(p - q, 0)."""
+    p = probs_from_logits(target_logits, params)
+    for i, x in enumerate(draft):
+        if float(torch.rand((), generator=generator)) * float(draft_probs[i, x]) < float(p[i, x]):
+            continue
+        return i, int(sample(p[i], generator))
+    return len(draft), int(sample(p[len(draft)], generator))
+
+
+def test_the_chi_square_check_rejects_a_broken_rule(tiny, monkeypatch):
+    monkeypatch.setattr(sybil.engine, "accept_sampled", _broken_rule)
+    target, draft = tiny
+    assert _chi2_pvalue(target, draft, SETTINGS[0], k=2) < P_BROKEN
