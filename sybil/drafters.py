@@ -66,7 +66,7 @@ class ModelDrafter:
         confidence = 1.0
         for i in range(k):
             if self.params.greedy:
-                tok = int(logits.argmax())
+                tok = self._pick_greedy(logits, len(committed) + i)
                 dists.append(None)
             else:
                 q = probs_from_logits(logits, self.params)
@@ -81,6 +81,11 @@ class ModelDrafter:
                 logits = self._feed([tok])
         probs = None if self.params.greedy else torch.stack(dists)
         return Proposal(tokens, probs)
+
+    def _pick_greedy(self, logits: torch.Tensor, position: int) -> int:
+        """The greedy draft token for `position`; the benchmark's simulated-acceptance
+        drafter overrides this to keep the model's cost but choose the token itself."""
+        return int(logits.argmax())
 
     def rewind(self, n_valid: int) -> None:
         self.cache.truncate(min(n_valid, int(self.cache.lengths[0])))

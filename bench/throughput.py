@@ -1,0 +1,376 @@
+"""python -m bench.throughput: Sybil against `transformers`, side by side, in one run.
+
+Same prompts, same weights, same dtype, greedy, warm-ups excluded, medians over
+repeats. With --weights random (real shapes, random values) acceptance means
+nothing, so --simulate-acceptance A keeps the draft model's real cost but makes
+its proposal the target's own next token with probability A; every output marks
+those rows as simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import sybil
+from bench.workload import SimulatedDrafter, hf_mirror, load_prompts, random_model, real_model
+from sybil.errors import SybilError
+from sybil.kv_cache import KVCache
+from sybil.loader import resolve_device, resolve_dtype
+from sybil.adaptive import expected_tokens
+
+STEP_TOKENS = (1, 2, 4, 5, 8)
+
+
+@dataclass
+class Row:
+    name: str  # sybil-autoregressive | sybil-speculative | hf-generate | hf-assisted
+    k: int | str | None
+    tokens_per_s: float | None
+    speedup: float | None = None
+    acceptance_rate: float | None = None
+    mean_accepted: float | None = None
+    simulated: bool = False
+    expected_speedup: float | None = None
+    achieved_over_expected: float | None = None
+    ms_per_token: float | None = None
+    x_floor: float | None = None
+    peak_rss_mb: float | None = None
+    note: str = ""
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def read_bandwidth_gbps(mb: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth as torch sees it: summing a buffer much larger than cache."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes(model: sybil.GPT) -> int:
+    """Bytes read per decoded token: every weight once (wpe only one row, so not counted)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "wpe.weight")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def step_ms(model: sybil.GPT, n_tokens: int, context: int = 256, repeats: int = 7) -> float:
+    """Median ms of one forward over n_tokens with `context` tokens already cached."""
+    context = min(context, model.config.n_positions - n_tokens)
+    cache = KVCache.for_model(model.config, 1, context + n_tokens, dtype=model.dtype, device=model.device)
+    idx = torch.randint(0, model.config.vocab_size, (1, context + n_tokens), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(model.device)
+    model(idx[:, :context], cache)
+    times = []
+    for _ in range(repeats + 1):
+        cache.truncate(context)
+        _sync(model.device)
+        t = time.perf_counter()
+        model(idx[:, context:], cache)
+        _sync(model.device)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times[1:])
+
+
+def leviathan_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
+    """Expected speed-up of k-token speculation over plain decoding (Leviathan et al. 2023),
+    with the measured draft step and (k+1)-token verify costs, both in target-step units."""
+    return expected_tokens(alpha, k) / (k * draft_ratio + verify_ratio)
+
+
+def timed(fn, repeats: int) -> tuple[float, list]:
+    """Median seconds over repeats of fn() -> results, and the last results."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def run_sybil(target, prompts, n, repeats, *, draft=None, k=4, oracles=None, accept=None, device=None) -> tuple[Row, list]:
+    def once():
+        outs = []
+        for i, p in enumerate(prompts):
+            d = draft
+            if accept is not None:
+                d = SimulatedDrafter(draft, len(p) + n, p + oracles[i], accept, seed=i)
+            outs.append(sybil.generate(target, p, n, draft=d, k=k, stop_at_eos=False))
+        _sync(device)
+        return outs
+
+    sybil.generate(target, prompts[0], 4, draft=draft, k=k, stop_at_eos=False)  # warm-up, not timed
+    secs, outs = timed(once, repeats)
+    tokens = sum(len(o.tokens) for o in outs)
+    row = Row("sybil-speculative" if draft is not None else "sybil-autoregressive", k if draft is not None else None, tokens / secs)
+    if draft is not None:
+        drafted = sum(o.stats["drafted"] for o in outs)
+        accepted = sum(o.stats["accepted"] for o in outs)
+        rounds = sum(o.stats["rounds"] for o in outs)
+        row.acceptance_rate = accepted / drafted if drafted else 0.0
+        row.mean_accepted = tokens / rounds
+        row.simulated = accept is not None
+    return row, outs
+
+
+def run_hf(hf_target, prompts, n, repeats, device, hf_draft=None) -> Row:
+    def once():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            kw = dict(assistant_model=hf_draft) if hf_draft is not None else {}
+            hf_target.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=50256, **kw,
+            )
+        _sync(device)
+
+    ids = torch.tensor([prompts[0]], device=device)
+    hf_target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=50256)
+    secs, _ = timed(once, repeats)
+    name = "hf-assisted" if hf_draft is not None else "hf-generate"
+    return Row(name, "hf" if hf_draft is not None else None, n * len(prompts) / secs)
+
+
+def parse_ks(text: str) -> list[int | str]:
+    ks: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "auto":
+            ks.append(part)
+        elif part.isdigit() and int(part) >= 1:
+            ks.append(int(part))
+        else:
+            raise SybilError(f"--k takes a comma-separated list of positive integers and 'auto', got {text!r}")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    class P(argparse.ArgumentParser):
+        def error(self, message: str) -> None:
+            self.exit(2, f"error: {message} (see python -m bench.throughput --help)\n")
+
+    p = P(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="gpt2-medium")
+    p.add_argument("--draft", default="gpt2")
+    p.add_argument("--weights", choices=["real", "random"], default="real")
+    p.add_argument("--simulate-acceptance", type=float, default=None, metavar="A")
+    p.add_argument("--k", default="1,2,4,8,auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 16 tokens, 1 repeat, K 1,4,auto")
+    return p
+
+
+def render(rows: list[Row], floor: dict, step: dict, config: dict) -> str:
+    lines = []
+    if config["simulated_acceptance"] is not None:
+        lines.append(
+            f"NOTE: weights are {config['weights']}; rows marked SIMULATED draw acceptance at "
+            f"{config['simulated_acceptance']} (the draft model runs for real; its token is replaced)."
+        )
+    elif config["weights"] == "random":
+        lines.append("NOTE: random weights: acceptance rates between random models mean nothing.")
+    lines.append(
+        f"target {config['target']}, draft {config['draft']}, {config['dtype']} on {config['device']}, "
+        f"{config['prompts']} prompts x {config['max_new_tokens']} tokens, median of {config['repeats']}"
+    )
+    lines.append(
+        f"floor: {floor['weight_bytes'] / 1e6:.0f} MB of weights per token / {floor['read_GBps']:.1f} GB/s read "
+        f"= {floor['floor_ms_per_token']:.1f} ms/token"
+    )
+    lines.append(
+        "step ms (cache 256): target " + ", ".join(f"{n} tok {v:.1f}" for n, v in step["target"].items())
+        + f"; draft 1 tok {step['draft']['1']:.1f}"
+    )
+    lines.append("")
+    head = "| engine | K | tokens/s | speed-up | acceptance | mean accepted | ms/token | x floor | expected | achieved/expected | peak RSS MB (process) |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    for r in rows:
+        sim = " SIMULATED" if r.simulated else ""
+        tps = r.note if r.tokens_per_s is None else f(r.tokens_per_s, ".2f")
+        lines.append(
+            f"| {r.name}{sim} | {'' if r.k is None else r.k} | {tps} | {f(r.speedup, '.2f')} | "
+            f"{f(r.acceptance_rate, '.2f')} | {f(r.mean_accepted, '.2f')} | {f(r.ms_per_token, '.1f')} | "
+            f"{f(r.x_floor, '.2f')} | {f(r.expected_speedup, '.2f')} | {f(r.achieved_over_expected, '.2f')} | "
+            f"{f(r.peak_rss_mb, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = [r for r in rows if r.name == "sybil-speculative"]
+    base = next(r for r in rows if r.name == "sybil-autoregressive")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [str(r.k) for r in spec]
+    a.bar(labels, [r.tokens_per_s for r in spec], label="speculative")
+    a.axhline(base.tokens_per_s, color="k", ls="--", label="target only")
+    a.set_xlabel("K"), a.set_ylabel("tokens/s"), a.legend()
+    a.set_title("tokens/s against K" + (" (simulated acceptance)" if any(r.simulated for r in spec) else ""))
+    b.scatter([r.acceptance_rate for r in spec], [r.speedup for r in spec])
+    for r in spec:
+        b.annotate(f"K={r.k}", (r.acceptance_rate, r.speedup))
+    b.axhline(1.0, color="k", ls="--")
+    b.set_xlabel("acceptance rate"), b.set_ylabel("speed-up vs target only")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.prompts, args.max_new_tokens, args.repeats = min(args.prompts, 2), 16, 1
+        if args.k == "1,2,4,8,auto":
+            args.k = "1,4,auto"
+    ks = parse_ks(args.k)
+    if args.simulate_acceptance is not None and not 0 <= args.simulate_acceptance <= 1:
+        raise SybilError("--simulate-acceptance must be between 0 and 1")
+    if args.max_new_tokens < 1 or args.repeats < 1:
+        raise SybilError("--max-new-tokens and --repeats must be at least 1")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SybilError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    device = resolve_device(args.device)
+    dtype, _ = resolve_dtype(args.dtype, device)
+    torch.set_grad_enabled(False)
+    prompts = load_prompts(args.prompts)
+
+    progress(f"loading {args.weights} weights: target {args.target}, draft {args.draft}")
+    if args.weights == "random":
+        target = random_model(args.target, 0, dtype, device)
+        draft = random_model(args.draft, 1, dtype, device)
+    else:
+        target = real_model(args.target, dtype, device)
+        draft = real_model(args.draft, dtype, device)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise SybilError("draft and target vocabularies differ")
+
+    progress("measuring memory bandwidth and step costs")
+    bw = read_bandwidth_gbps() if device.type == "cpu" else _cuda_copy_bandwidth()
+    floor = {"read_GBps": bw, "weight_bytes": weight_bytes(target)}
+    floor["floor_ms_per_token"] = floor["weight_bytes"] / (bw * 1e9) * 1000
+    step = {
+        "target": {str(n): step_ms(target, n) for n in STEP_TOKENS},
+        "draft": {"1": step_ms(draft, 1)},
+    }
+
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        # The process's high-water mark so far: the row's own peak or an earlier one.
+        row.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append(row)
+
+    progress("sybil-autoregressive")
+    base, base_outs = run_sybil(target, prompts, args.max_new_tokens, args.repeats, device=device)
+    add(base)
+    oracles = [o.tokens for o in base_outs]
+    for k in ks:
+        progress(f"sybil-speculative k={k}" + (f" (simulated acceptance {args.simulate_acceptance})" if args.simulate_acceptance is not None else ""))
+        row, _ = run_sybil(
+            target, prompts, args.max_new_tokens, args.repeats, draft=draft, k=k,
+            oracles=oracles, accept=args.simulate_acceptance, device=device,
+        )
+        add(row)
+
+    hf_target = None if args.no_hf else hf_mirror(target)
+    if hf_target is None:
+        note = "skipped (--no-hf)" if args.no_hf else "not installed"
+        rows += [Row("hf-generate", None, None, note=note), Row("hf-assisted", "hf", None, note=note)]
+    else:
+        progress("hf-generate")
+        add(run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device))
+        progress("hf-assisted (its acceptance is real, not simulated)")
+        row = run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device, hf_mirror(draft))
+        row.note = "real acceptance" + (" of random weights" if args.weights == "random" else "")
+        add(row)
+
+    t1 = step["target"]["1"]
+    for r in rows:
+        if r.tokens_per_s is None:
+            continue
+        r.speedup = r.tokens_per_s / base.tokens_per_s
+        r.ms_per_token = 1000 / r.tokens_per_s
+        r.x_floor = r.ms_per_token / floor["floor_ms_per_token"]
+        if r.name == "sybil-speculative" and isinstance(r.k, int) and r.k + 1 in (1, 2, 4, 5, 8, 9):
+            alpha = args.simulate_acceptance if r.simulated else r.acceptance_rate
+            verify = step["target"].get(str(r.k + 1)) or step_ms(target, r.k + 1)
+            r.expected_speedup = leviathan_speedup(alpha, r.k, step["draft"]["1"] / t1, verify / t1)
+            r.achieved_over_expected = r.speedup / r.expected_speedup
+
+    config = {
+        "target": args.target, "draft": args.draft, "weights": args.weights, "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+        "simulated_acceptance": args.simulate_acceptance, "threads": torch.get_num_threads(),
+    }
+    print(render(rows, floor, step, config))
+    if args.json:
+        record = {"config": config, "floor": floor, "step_ms": step, "runs": [asdict(r) for r in rows]}
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(args.json)
+    if args.plot:
+        plot(args.plot, rows)
+    return 0
+
+
+def _cuda_copy_bandwidth() -> float:
+    x = torch.empty(2**30 // 4, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except SybilError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What the benchmark runs on: prompts, models (real or random in the real shapes),
+the `transformers` mirror of the same weights, and the simulated-acceptance drafter."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+import sybil
+from sybil.config import PRESETS, GPTConfig
+from sybil.drafters import ModelDrafter
+from sybil.errors import SybilError
+from sybil.loader import KEY_MAP, resolve_checkpoint
+from sybil.model import GPT
+from sybil.sampling import SamplingParams
+from sybil.tokenizer import encode
+
+
+def load_prompts(n: int) -> list[list[int]]:
+    texts = json.loads(resources.files("bench").joinpath("prompts.json").read_text())
+    if not 1 <= n <= len(texts):
+        raise SybilError(f"--prompts must be between 1 and {len(texts)}")
+    return [encode(t) for t in texts[:n]]
+
+
+def random_model(name_or_path: str, seed: int, dtype: torch.dtype, device: torch.device) -> GPT:
+    """A GPT-2 in a preset's (or a checkpoint config's) shape with GPT-2's init, seeded."""
+    if name_or_path in PRESETS:
+        config = GPTConfig.from_name(name_or_path)
+    elif (Path(name_or_path) / "config.json").is_file():
+        config = GPTConfig.from_json(Path(name_or_path) / "config.json")
+    else:
+        raise SybilError(f"--weights random needs a preset name or a folder with config.json, got {name_or_path!r}")
+    g = torch.Generator().manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "ln" in name:
+                p.copy_(torch.ones_like(p) if "ln" in name and name.endswith("weight") else torch.zeros_like(p))
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def real_model(name_or_path: str, dtype: torch.dtype, device: torch.device) -> GPT:
+    try:
+        path = resolve_checkpoint(name_or_path, download=False)
+    except SybilError as e:
+        raise SybilError(f"{e}; or benchmark random weights with --weights random") from None
+    return sybil.load_model(path, dtype, device)
+
+
+def hf_mirror(model: GPT):
+    """The same weights in transformers' GPT2LMHeadModel, or None when not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    c = model.config
+    cfg = transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head
+    )
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(cfg)
+    state = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        action = next(a for pattern, a in KEY_MAP if re.fullmatch(pattern, key))
+        state["transformer." + key] = t.t().contiguous() if action == "transpose" else t
+    hf.load_state_dict(state, strict=False, assign=True)
+    hf.tie_weights()
+    return hf.to(device=model.device, dtype=model.dtype).eval()
+
+
+class SimulatedDrafter(ModelDrafter):
+    """Runs the draft model for real (its cost is real) but proposes the target's own
+    next token with probability `acceptance`, another token otherwise.
+
+    The target's greedy continuation (`oracle`) is known from the plain run, and
+    greedy speculative output equals it, so position p's right token is oracle[p].
+    """
+
+    def __init__(self, model: GPT, max_len: int, oracle: list[int], acceptance: float, seed: int) -> None:
+        super().__init__(model, SamplingParams(), max_len)
+        self.oracle = oracle
+        self.acceptance = acceptance
+        self.rng = random.Random(seed)
+
+    def _pick_greedy(self, logits: torch.Tensor, position: int) -> int:
+        if position >= len(self.oracle):
+            return int(logits.argmax())
+        right = self.oracle[position]
+        if self.rng.random() < self.acceptance:
+            return right
+        return (right + 1 + self.rng.randrange(self.model.config.vocab_size - 1)) % self.model.config.vocab_size

@@ -1,0 +1,62 @@
+"""Smoke test of python -m bench.throughput on tiny random models: its outputs are
+complete, self-consistent, and mark simulated rows as simulated."""
+
+import json
+
+import pytest
+
+from bench import throughput
+from bench.throughput import leviathan_speedup
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(hf_checkpoint):
+    cfg = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256)
+    return hf_checkpoint("bench-target", seed=0, **cfg), hf_checkpoint("bench-draft", seed=1, **{**cfg, "n_layer": 1})
+
+
+def test_quick_run_writes_a_complete_consistent_record(tiny_pair, tmp_path, capsys):
+    target, draft = tiny_pair
+    out = tmp_path / "bench.json"
+    code = throughput.main(
+        ["--target", str(target), "--draft", str(draft), "--quick", "--simulate-acceptance", "0.8", "--json", str(out)]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "SIMULATED" in table and "NOTE" in table
+    rec = json.loads(out.read_text())
+    assert set(rec) == {"config", "floor", "step_ms", "runs"}
+    assert set(rec["step_ms"]["target"]) == {"1", "2", "4", "5", "8"} and "1" in rec["step_ms"]["draft"]
+    assert rec["floor"]["read_GBps"] > 0 and rec["floor"]["floor_ms_per_token"] > 0
+    runs = {(r["name"], r["k"]): r for r in rec["runs"]}
+    base = runs[("sybil-autoregressive", None)]
+    assert base["speedup"] == pytest.approx(1.0) and not base["simulated"]
+    spec = [r for r in rec["runs"] if r["name"] == "sybil-speculative"]
+    assert [r["k"] for r in spec] == [1, 4, "auto"]
+    for r in spec:
+        assert r["simulated"] is True
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+    # Acceptance is drawn at 0.8 per token, so the measured rate is near it (K=1: one draw a round).
+    assert 0.55 <= runs[("sybil-speculative", 1)]["acceptance_rate"] <= 0.95
+    assert {"hf-generate", "hf-assisted"} <= {r["name"] for r in rec["runs"]}
+
+
+def test_leviathan_formula():
+    # alpha 0.8, k 4, free draft, verify as cheap as a step: E = (1 - 0.8^5) / 0.2
+    assert leviathan_speedup(0.8, 4, 0.0, 1.0) == pytest.approx((1 - 0.8**5) / 0.2)
+    assert leviathan_speedup(0.0, 3, 0.5, 1.0) == pytest.approx(1 / 2.5)
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert throughput.main(["--k", "0", "--weights", "random"]) == 2
+    assert "comma-separated" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        throughput.main(["--weights", "fake"])
+    assert e.value.code == 2
+
+
+def test_missing_real_weights_suggest_random(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sybil.loader.default_weights_dir", lambda: tmp_path)
+    assert throughput.main(["--target", "gpt2-xl", "--quick"]) == 2
+    assert "--weights random" in capsys.readouterr().err
