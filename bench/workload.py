@@ -61,6 +61,7 @@ def hf_mirror(model: GPT):
         import transformers
     except ImportError:
         return None
+    transformers.logging.set_verbosity_error()
     c = model.config
     cfg = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head
