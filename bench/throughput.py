@@ -114,7 +114,7 @@ def run_sybil(target, prompts, n, repeats, *, draft=None, k=4, oracles=None, acc
         for i, p in enumerate(prompts):
             d = draft
             if accept is not None:
-                d = SimulatedDrafter(draft, len(p) + n, p + oracles[i], accept, seed=i)
+                d = SimulatedDrafter(draft, len(p) + n, [p + oracles[i]], accept, seed=i)
             outs.append(sybil.generate(target, p, n, draft=d, k=k, stop_at_eos=False))
         _sync(device)
         return outs

@@ -83,20 +83,21 @@ class SimulatedDrafter(ModelDrafter):
     """Runs the draft model for real (its cost is real) but proposes the target's own
     next token with probability `acceptance`, another token otherwise.
 
-    The target's greedy continuation (`oracle`) is known from the plain run, and
-    greedy speculative output equals it, so position p's right token is oracle[p].
+    Each row's prompt + target greedy continuation (`oracles`) is known from the
+    plain run, and greedy speculative output equals it, so the right token at a
+    row's position p is oracles[row][p].
     """
 
-    def __init__(self, model: GPT, max_len: int, oracle: list[int], acceptance: float, seed: int) -> None:
-        super().__init__(model, SamplingParams(), max_len)
-        self.oracle = oracle
+    def __init__(self, model: GPT, max_len: int, oracles: list[list[int]], acceptance: float, seed: int) -> None:
+        super().__init__(model, SamplingParams(), max_len, batch=len(oracles))
+        self.oracles = oracles
         self.acceptance = acceptance
         self.rng = random.Random(seed)
 
-    def _pick_greedy(self, logits: torch.Tensor, position: int) -> int:
-        if position >= len(self.oracle):
+    def _pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
+        if position >= len(self.oracles[row]):
             return int(logits.argmax())
-        right = self.oracle[position]
+        right = self.oracles[row][position]
         if self.rng.random() < self.acceptance:
             return right
         return (right + 1 + self.rng.randrange(self.model.config.vocab_size - 1)) % self.model.config.vocab_size

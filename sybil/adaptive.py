@@ -67,12 +67,26 @@ class AdaptiveK:
             return 0.0
         return min(self.draft_step / self.verify[1], 1.0)
 
-    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float, n_fed: int) -> None:
+    def update(
+        self,
+        drafted: int,
+        accepted: int,
+        draft_s: float,
+        verify_s: float,
+        n_fed: int,
+        misses: int | None = None,
+        steps: int | None = None,
+    ) -> None:
+        """Record a round: drafted and accepted tokens (summed over rows), its draft
+        and verify seconds, the tokens per row in its forward, and how many rows
+        saw a rejection and how many draft steps ran (defaults: one sequence)."""
         self.rounds += 1
         self.plain_streak = self.plain_streak + 1 if drafted == 0 else 0
         ema = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new  # noqa: E731
         self.verify[n_fed] = ema(self.verify.get(n_fed), verify_s)
         if drafted:
-            self.draft_step = ema(self.draft_step, draft_s / drafted)
+            self.draft_step = ema(self.draft_step, draft_s / (steps or drafted))
             self.hits = self.decay * self.hits + accepted
-            self.misses = self.decay * self.misses + (1 if accepted < drafted else 0)
+            if misses is None:
+                misses = int(accepted < drafted)
+            self.misses = self.decay * self.misses + misses

@@ -15,6 +15,7 @@ import torch
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
 from sybil.sampling import SamplingParams, probs_from_logits, sample
+from sybil.steps import forward_rows, last_logits
 
 
 @dataclass
@@ -24,71 +25,69 @@ class Proposal:
 
 
 class Drafter(Protocol):
-    def propose(self, committed: list[int], k: int, generator: torch.Generator | None) -> Proposal: ...
+    def propose(self, seqs: list[list[int]], ks: list[int], generators: list[torch.Generator | None]) -> list[Proposal]:
+        """Up to ks[b] draft tokens after each row's committed tokens seqs[b]."""
 
-    def rewind(self, n_valid: int) -> None:
-        """Only the first n_valid tokens of what was last seen and proposed still stand."""
+    def rewind(self, n_valid: list[int]) -> None:
+        """Only the first n_valid[b] tokens of what row b last saw and proposed still stand."""
 
 
 class ModelDrafter:
-    """Drafts with a (smaller) GPT-2 and its own KV cache.
+    """Drafts with a (smaller) GPT-2 and its own KV cache, all rows in lockstep.
 
-    Its cache holds a prefix of committed + proposed tokens; each proposal first
-    feeds whatever committed tokens the cache lacks (the prompt on the first
-    round, then the one or two tokens that verification added) in one forward.
-    min_confidence > 0 stops a proposal once the product of the draft's
-    probabilities for its own tokens (its estimate that all are accepted) drops
-    below it.
+    Its cache holds a prefix of each row's committed + proposed tokens; each
+    proposal first feeds whatever committed tokens the cache lacks (the prompt
+    on the first round, then the one or two tokens that verification added) in
+    one forward. min_confidence > 0 ends a row's proposal once the product of the
+    draft's probabilities for its own tokens (its estimate that all are
+    accepted) drops below it.
     """
 
-    def __init__(self, model: GPT, params: SamplingParams, max_len: int, min_confidence: float = 0.0) -> None:
+    def __init__(
+        self, model: GPT, params: SamplingParams, max_len: int, batch: int = 1, min_confidence: float = 0.0
+    ) -> None:
         self.model = model
         self.params = params
         self.min_confidence = min_confidence
-        self.cache = KVCache.for_model(model.config, 1, max_len, dtype=model.dtype, device=model.device)
-
-    @property
-    def context(self) -> int:
-        return self.cache.max_len
-
-    def _feed(self, tokens: list[int]) -> torch.Tensor:
-        idx = torch.tensor([tokens], device=self.model.device)
-        return self.model(idx, self.cache)[0, -1]
+        self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
 
     @torch.inference_mode()
-    def propose(self, committed: list[int], k: int, generator: torch.Generator | None) -> Proposal:
-        k = min(k, self.context - len(committed) + 1)
-        if k <= 0:
-            return Proposal([], None)
-        logits = self._feed(committed[int(self.cache.lengths[0]) :])
-        tokens: list[int] = []
-        dists = []
-        confidence = 1.0
-        for i in range(k):
-            if self.params.greedy:
-                tok = self._pick_greedy(logits, len(committed) + i)
-                dists.append(None)
-            else:
-                q = probs_from_logits(logits, self.params)
-                tok = int(sample(q, generator))
-                dists.append(q)
-            tokens.append(tok)
-            if self.min_confidence > 0:
-                confidence *= float(torch.softmax(logits.float(), -1)[tok])
-                if confidence < self.min_confidence:
-                    break
-            if i + 1 < k:
-                logits = self._feed([tok])
-        probs = None if self.params.greedy else torch.stack(dists)
-        return Proposal(tokens, probs)
+    def propose(self, seqs: list[list[int]], ks: list[int], generators: list[torch.Generator | None]) -> list[Proposal]:
+        # The draft writes positions up to len(seq) + k - 2; its last cache slot is scratch.
+        ks = [max(0, min(k, self.cache.max_len - len(s))) for k, s in zip(ks, seqs)]
+        rows = [s[int(n) :] if k else [] for s, k, n in zip(seqs, ks, self.cache.lengths)]
+        out = [Proposal([], None if self.params.greedy else []) for _ in seqs]
+        confidence = [1.0] * len(seqs)
+        active = [k > 0 for k in ks]
+        while any(active):
+            logits = last_logits(forward_rows(self.model, self.cache, rows), rows)
+            rows = [[] for _ in seqs]
+            for b, p in enumerate(out):
+                if not active[b]:
+                    continue
+                if self.params.greedy:
+                    tok = self._pick_greedy(logits[b], b, len(seqs[b]) + len(p.tokens))
+                else:
+                    q = probs_from_logits(logits[b], self.params)
+                    tok = int(sample(q, generators[b]))
+                    p.probs.append(q)
+                p.tokens.append(tok)
+                if self.min_confidence > 0:
+                    confidence[b] *= float(torch.softmax(logits[b].float(), -1)[tok])
+                active[b] = len(p.tokens) < ks[b] and confidence[b] >= self.min_confidence
+                if active[b]:
+                    rows[b] = [tok]  # the last draft is never fed: verification covers it
+        for p in out:
+            p.probs = torch.stack(p.probs) if p.probs else None
+        return out
 
-    def _pick_greedy(self, logits: torch.Tensor, position: int) -> int:
-        """The greedy draft token for `position`; the benchmark's simulated-acceptance
+    def _pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
+        """The greedy draft token for a row's `position`; the benchmark's simulated-acceptance
         drafter overrides this to keep the model's cost but choose the token itself."""
         return int(logits.argmax())
 
-    def rewind(self, n_valid: int) -> None:
-        self.cache.truncate(min(n_valid, int(self.cache.lengths[0])))
+    def rewind(self, n_valid: list[int]) -> None:
+        self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))
 
 
 class NgramDrafter:
@@ -99,7 +98,10 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, committed: list[int], k: int, generator: torch.Generator | None = None) -> Proposal:
+    def propose(self, seqs: list[list[int]], ks: list[int], generators=None) -> list[Proposal]:
+        return [self.lookup(s, k) for s, k in zip(seqs, ks)]
+
+    def lookup(self, committed: list[int], k: int) -> Proposal:
         if k <= 0:
             return Proposal([], None)
         n_tok = len(committed)
@@ -111,5 +113,5 @@ class NgramDrafter:
                     return Proposal(follow, None)
         return Proposal([], None)
 
-    def rewind(self, n_valid: int) -> None:
+    def rewind(self, n_valid: list[int]) -> None:
         pass

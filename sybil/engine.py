@@ -15,11 +15,12 @@ from typing import Callable
 import torch
 
 from sybil.adaptive import AdaptiveK
-from sybil.drafters import Drafter, ModelDrafter, NgramDrafter
+from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
 from sybil.sampling import SamplingParams
+from sybil.steps import forward_rows
 from sybil.tokenizer import EOT_ID
 from sybil.verify import accept_greedy, accept_sampled
 
@@ -28,8 +29,9 @@ from sybil.verify import accept_greedy, accept_sampled
 class Generation:
     prompt_ids: list[int]
     tokens: list[int] = field(default_factory=list)  # generated ids only (an ending <|endoftext|> included)
-    finish_reason: str = ""  # "eos", "length" (max_new_tokens) or "context" (model's context is full)
+    finish_reason: str = ""  # "eos", "length" (max_new_tokens), "context" (context full) or "error"
     stats: dict = field(default_factory=dict)
+    error: str | None = None  # why the prompt could not be run (batched calls only)
 
 
 @dataclass
@@ -67,50 +69,62 @@ class Round:
     drafts: list[int]
     n_accepted: int
     token: int  # the target's own token after the accepted drafts
-    draft_s: float
-    verify_s: float
 
 
 class Decoder:
-    """One sequence's decoding state: the committed tokens, the target's cache
-    (all committed tokens but the last) and the drafter. Each round is one
-    target forward; rewinding is a pointer move on both caches."""
+    """The decoding state of a batch: each row's committed tokens, the target's
+    cache (every committed token but the last, per row) and the drafter. A round
+    is one target forward for all rows; each row accepts its own number of
+    drafts and rewinds its own pointers."""
 
     def __init__(
         self,
         model: GPT,
-        prompt_ids: list[int],
+        prompts: list[list[int]],
         max_len: int,
         params: SamplingParams,
         drafter: Drafter | None = None,
-        generator: torch.Generator | None = None,
+        generators: list[torch.Generator | None] | None = None,
     ) -> None:
-        self.model, self.params, self.drafter, self.generator = model, params, drafter, generator
-        self.seq = list(prompt_ids)
-        self.cache = KVCache.for_model(model.config, 1, max_len, dtype=model.dtype, device=model.device)
-        if len(self.seq) > 1:
-            model(torch.tensor([self.seq[:-1]], device=model.device), self.cache)
+        self.model, self.params, self.drafter = model, params, drafter
+        self.generators = generators or [None] * len(prompts)
+        self.seqs = [list(p) for p in prompts]
+        self.cache = KVCache.for_model(model.config, len(prompts), max_len, dtype=model.dtype, device=model.device)
+        forward_rows(model, self.cache, [s[:-1] for s in self.seqs])  # prefill
+        self.draft_s = self.verify_s = 0.0  # time of the last round
 
-    def round(self, k: int) -> Round:
-        """Draft up to k tokens, verify them with one forward, commit, rewind."""
+    def round(self, ks: list[int | None]) -> list[Round | None]:
+        """Draft up to ks[b] tokens per row, verify all rows in one forward, commit,
+        rewind. Rows with ks[b] None are finished: they feed nothing."""
         t0 = time.perf_counter()
-        proposal = self.drafter.propose(self.seq, k, self.generator) if self.drafter and k > 0 else None
-        drafts = proposal.tokens if proposal else []
-        t1 = time.perf_counter()
-        idx = torch.tensor([[self.seq[-1], *drafts]], device=self.model.device)
-        logits = self.model(idx, self.cache)[0]  # [k+1, V]
-        if self.params.greedy:
-            n_acc, tok = accept_greedy(drafts, logits)
+        want = [k or 0 for k in ks]
+        if self.drafter is not None and any(want):
+            proposals = self.drafter.propose(self.seqs, want, self.generators)
         else:
-            q = proposal.probs if proposal else None
-            n_acc, tok = accept_sampled(drafts, q, logits, self.params, self.generator)
-        t2 = time.perf_counter()
-        n = len(self.seq) + n_acc  # the cache's valid prefix: committed + accepted drafts
-        self.cache.truncate(n)
+            proposals = [Proposal([], None) for _ in ks]
+        t1 = time.perf_counter()
+        rows = [[s[-1], *p.tokens] if k is not None else [] for s, p, k in zip(self.seqs, proposals, ks)]
+        logits = forward_rows(self.model, self.cache, rows)
+        out: list[Round | None] = []
+        n_valid = []
+        for b, (row, prop) in enumerate(zip(rows, proposals)):
+            if not row:
+                out.append(None)
+                n_valid.append(len(self.seqs[b]))
+                continue
+            lg = logits[b, : len(row)]  # [k+1, V]
+            if self.params.greedy:
+                n_acc, tok = accept_greedy(prop.tokens, lg)
+            else:
+                n_acc, tok = accept_sampled(prop.tokens, prop.probs, lg, self.params, self.generators[b])
+            n_valid.append(len(self.seqs[b]) + n_acc)  # valid cache prefix: committed + accepted
+            self.seqs[b] += [*prop.tokens[:n_acc], tok]
+            out.append(Round(prop.tokens, n_acc, tok))
+        self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))
         if self.drafter is not None:
-            self.drafter.rewind(n)
-        self.seq += [*drafts[:n_acc], tok]
-        return Round(drafts, n_acc, tok, t1 - t0, t2 - t1)
+            self.drafter.rewind(n_valid)
+        self.draft_s, self.verify_s = t1 - t0, time.perf_counter() - t1
+        return out
 
 
 def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
@@ -129,7 +143,7 @@ def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
 
 
 def _make_drafter(
-    draft: GPT | str | Drafter | None, target: GPT, params: SamplingParams, max_len: int
+    draft: GPT | str | Drafter | None, target: GPT, params: SamplingParams, max_len: int, batch: int
 ) -> Drafter | None:
     if draft is None:
         return None
@@ -143,7 +157,7 @@ def _make_drafter(
                 f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                 f"({target.config.vocab_size}); draft and target must share a tokenizer"
             )
-        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions))
+        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch)
     return draft  # any object with propose/rewind
 
 
@@ -160,87 +174,154 @@ def _parse_k(k: int | str, context: int) -> tuple[int, AdaptiveK | None]:
     return k, None
 
 
+
+def _per_row(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise SybilError(f"{name} has {len(value)} values for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
-    prompt_ids: list[int],
-    max_new_tokens: int,
+    prompt_ids: list[int] | list[list[int]],
+    max_new_tokens: int | list[int],
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | list[int | None] | None = None,
     stop_at_eos: bool = True,
     draft: GPT | str | Drafter | None = None,
     k: int | str = 4,
-    on_token: Callable[[int], None] | None = None,
-) -> Generation:
+    on_token: Callable[[int, int], None] | None = None,
+) -> Generation | list[Generation]:
     """Generate up to max_new_tokens after prompt_ids.
+
+    prompt_ids may be one prompt (a list of ids) or a list of prompts of any
+    lengths, decoded together as one batch; then the result is a list in the
+    same order, max_new_tokens and seed may be per prompt, and a prompt that
+    cannot be run (empty, too long) gets finish_reason "error" while the others
+    complete. Each row's output is what it would be alone.
 
     With draft (a GPT sharing the vocabulary, possibly model itself, or "ngram"),
     decoding is speculative with window k (or "auto") and the output is what
     model alone would produce: the same tokens when greedy, the same
-    distribution when sampling. on_token is called with each token as it is
-    committed, for streaming.
+    distribution when sampling. on_token(row, token) is called as each token
+    is committed, for streaming.
     """
     try:
         params = SamplingParams(temperature, top_k, top_p)
     except ValueError as e:
         raise SybilError(str(e)) from None
-    if max_new_tokens < 1:
+    batched = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
+    prompts = list(prompt_ids) if batched else [prompt_ids]
+    max_new = _per_row(max_new_tokens, len(prompts), "max_new_tokens")
+    seeds = _per_row(seed, len(prompts), "seed")
+    if any(not isinstance(m, int) or m < 1 for m in max_new):
         raise SybilError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    ids = _check_prompt(prompt_ids, model)
     context = model.config.n_positions
-    max_len = min(context, len(ids) + max_new_tokens)
     k_max, controller = _parse_k(k, context) if draft is not None else (0, None)
-    drafter = _make_drafter(draft, model, params, max_len)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    out = Generation(prompt_ids=ids)
-    tel = _Telemetry(k_max)
+
+    outs, live = [], []  # live: indices of the rows that run
+    for i, p in enumerate(prompts):
+        try:
+            outs.append(Generation(prompt_ids=_check_prompt(p, model)))
+            live.append(i)
+        except SybilError as e:
+            if not batched:
+                raise
+            outs.append(Generation(prompt_ids=list(p), finish_reason="error", error=str(e)))
+    if live:
+        _decode(model, [outs[i] for i in live], [max_new[i] for i in live], [seeds[i] for i in live],
+                params, stop_at_eos, draft, k_max, controller,
+                (lambda r, t: on_token(live[r], t)) if on_token else None)
+    return outs if batched else outs[0]
+
+
+def _decode(
+    model: GPT,
+    outs: list[Generation],
+    max_new: list[int],
+    seeds: list[int | None],
+    params: SamplingParams,
+    stop_at_eos: bool,
+    draft: GPT | str | Drafter | None,
+    k_max: int,
+    controller: AdaptiveK | None,
+    on_token: Callable[[int, int], None] | None,
+) -> None:
+    """Run the rounds for rows that passed validation, filling in outs."""
+    context = model.config.n_positions
+    n_rows = len(outs)
+    max_len = min(context, max(len(o.prompt_ids) + m for o, m in zip(outs, max_new)))
+    drafter = _make_drafter(draft, model, params, max_len, n_rows)
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+    tels = [_Telemetry(k_max) for _ in outs]
+    first_s: list[float | None] = [None] * n_rows
+    first_n = [0] * n_rows
+    end_s = [0.0] * n_rows
 
     start = time.perf_counter()
-    dec = Decoder(model, ids, max_len, params, drafter, gen)
-    first_token_s, first_round_tokens = None, 0
-    while not out.finish_reason:
-        # Never draft past max_new_tokens or the context: a round commits drafts + 1.
-        room = min(max_new_tokens - len(out.tokens), max_len - len(dec.seq)) - 1
-        k_round = controller.choose(room) if controller else min(k_max, room)
+    dec = Decoder(model, [o.prompt_ids for o in outs], max_len, params, drafter, gens)
+    while any(not o.finish_reason for o in outs):
+        # Never draft past a row's max_new_tokens or the context: a round commits drafts + 1.
+        rooms = [min(m - len(o.tokens), max_len - len(s)) - 1 for o, m, s in zip(outs, max_new, dec.seqs)]
+        active = [not o.finish_reason for o in outs]
+        k_round = controller.choose(max(r for r, a in zip(rooms, active) if a)) if controller else k_max
         if controller and isinstance(drafter, ModelDrafter):
             drafter.min_confidence = controller.min_confidence()
-        r = dec.round(k_round)
+        rounds = dec.round([min(k_round, r) if a else None for r, a in zip(rooms, active)])
+        done = [r for r in rounds if r is not None]
         if controller:
-            controller.update(len(r.drafts), r.n_accepted, r.draft_s, r.verify_s, len(r.drafts) + 1)
-        tel.rounds += 1
-        tel.drafted += len(r.drafts)
-        tel.time_draft_s += r.draft_s
-        tel.time_verify_s += r.verify_s
-        for i, t in enumerate([*r.drafts[: r.n_accepted], r.token]):
-            out.tokens.append(t)
-            if i < r.n_accepted:
-                tel.accepted += 1
-                tel.histogram[i] += 1
-            else:
-                tel.target_tokens += 1
-            if on_token:
-                on_token(t)
-            if stop_at_eos and t == EOT_ID:
-                out.finish_reason = "eos"
-            elif len(out.tokens) >= max_new_tokens:
-                out.finish_reason = "length"
-            elif len(ids) + len(out.tokens) >= context:
-                out.finish_reason = "context"
-            if out.finish_reason:
-                break
-        if first_token_s is None:
-            first_token_s, first_round_tokens = time.perf_counter() - start, len(out.tokens)
+            controller.update(
+                sum(len(r.drafts) for r in done), sum(r.n_accepted for r in done),
+                dec.draft_s, dec.verify_s, 1 + max(len(r.drafts) for r in done),
+                misses=sum(r.n_accepted < len(r.drafts) for r in done),
+                steps=max(len(r.drafts) for r in done),
+            )
+        now = time.perf_counter()
+        for b, r in enumerate(rounds):
+            if r is None:
+                continue
+            out, tel = outs[b], tels[b]
+            tel.rounds += 1
+            tel.drafted += len(r.drafts)
+            tel.time_draft_s += dec.draft_s
+            tel.time_verify_s += dec.verify_s
+            for i, t in enumerate([*r.drafts[: r.n_accepted], r.token]):
+                out.tokens.append(t)
+                if i < r.n_accepted:
+                    tel.accepted += 1
+                    tel.histogram[i] += 1
+                else:
+                    tel.target_tokens += 1
+                if on_token:
+                    on_token(b, t)
+                if stop_at_eos and t == EOT_ID:
+                    out.finish_reason = "eos"
+                elif len(out.tokens) >= max_new[b]:
+                    out.finish_reason = "length"
+                elif len(out.prompt_ids) + len(out.tokens) >= context:
+                    out.finish_reason = "context"
+                if out.finish_reason:
+                    end_s[b] = now - start
+                    break
+            if first_s[b] is None:
+                first_s[b], first_n[b] = now - start, len(out.tokens)
 
     total = time.perf_counter() - start
-    decode_s, decode_tokens = total - first_token_s, len(out.tokens) - first_round_tokens
-    out.stats = {
-        "prefill_ms": 1000 * first_token_s,  # prompt forward and first round: time to first token
-        "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens else 0.0,
-        "total_s": total,
-        "new_tokens": len(out.tokens),
-        **tel.as_dict(total),
-    }
-    return out
+    all_tokens = sum(len(o.tokens) for o in outs)
+    for b, out in enumerate(outs):
+        decode_s, decode_tokens = end_s[b] - first_s[b], len(out.tokens) - first_n[b]
+        out.stats = {
+            "prefill_ms": 1000 * first_s[b],  # prompt forward and first round: time to first token
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
+            "total_s": end_s[b],
+            "new_tokens": len(out.tokens),
+            **tels[b].as_dict(end_s[b]),
+            "batch_size": n_rows,
+            "batch_tokens_per_s": all_tokens / total,
+        }

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     stream = None if args.json else StreamDecoder()
 
-    def on_token(t: int) -> None:
+    def on_token(_row: int, t: int) -> None:
         if stream is not None and t != EOT_ID:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()

@@ -65,8 +65,8 @@ class KVCache:
         """Store k, v [B, H, T, D] at positions pos [B, T] (contiguous runs per row)."""
         if int(pos.max()) >= self.max_len:
             raise ValueError(f"position {int(pos.max())} is past the cache length {self.max_len}")
-        if pos.shape[0] == 1:
-            p0, t = int(pos[0, 0]), pos.shape[1]
+        p0, t = int(pos[0, 0]), pos.shape[1]
+        if pos.shape[0] == 1 and int(pos[0, -1]) == p0 + t - 1:  # one contiguous run: a slice
             self.k[layer, :, :, p0 : p0 + t] = k
             self.v[layer, :, :, p0 : p0 + t] = v
             return

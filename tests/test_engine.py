@@ -83,20 +83,22 @@ def test_rewind_leaves_caches_as_a_fresh_run_would(spec):
     """After every round, the live part of both caches equals a fresh prefill of the
     committed tokens (the target's holds all but the last one)."""
     _, target, drafts, prompts, _ = spec
-    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128)
-    dec = Decoder(target, prompts[3], 128, SamplingParams(), drafter)
+    rows = [prompts[3], prompts[4]]  # two rows: each rewinds its own pointers
+    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2)
+    dec = Decoder(target, rows, 128, SamplingParams(), drafter)
     rejections = 0
     for _ in range(8):
-        r = dec.round(4)
-        rejections += r.n_accepted < len(r.drafts)
+        rounds = dec.round([4, 4])
+        rejections += sum(r.n_accepted < len(r.drafts) for r in rounds)
         for model, cache in ((target, dec.cache), (drafts["noisy"], drafter.cache)):
-            n = int(cache.lengths[0])
-            assert n <= len(dec.seq) - 1 if cache is dec.cache else n <= len(dec.seq)
-            fresh = KVCache.for_model(model.config, 1, 128)
-            model(torch.tensor([dec.seq[:n]]), fresh)
-            assert torch.allclose(cache.k[:, :, :, :n], fresh.k[:, :, :, :n], atol=1e-5)
-            assert torch.allclose(cache.v[:, :, :, :n], fresh.v[:, :, :, :n], atol=1e-5)
-        assert int(dec.cache.lengths[0]) == len(dec.seq) - 1
+            for b, seq in enumerate(dec.seqs):
+                n = int(cache.lengths[b])
+                assert n <= len(seq) - (1 if cache is dec.cache else 0)
+                fresh = KVCache.for_model(model.config, 1, 128)
+                model(torch.tensor([seq[:n]]), fresh)
+                assert torch.allclose(cache.k[:, b, :, :n], fresh.k[:, 0, :, :n], atol=1e-5)
+                assert torch.allclose(cache.v[:, b, :, :n], fresh.v[:, 0, :, :n], atol=1e-5)
+        assert dec.cache.lengths.tolist() == [len(s) - 1 for s in dec.seqs]
     assert rejections > 0
 
 

@@ -1,0 +1,44 @@
+"""The one forward step every phase uses: prefill, decode one, verify k.
+
+Each row of the batch feeds its own tokens at its own length pointer. Rows may
+feed different numbers of tokens (ragged prompts, ragged drafts, finished rows
+feeding none): shorter rows are padded, and their padding is written to the
+cache's last slot. That slot never holds a real entry (the cache keeps every
+committed token but the last, so real positions stop at max_len - 2), and a
+real query at position p only sees keys at j <= p, so padding is never attended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sybil.kv_cache import KVCache
+from sybil.model import GPT
+
+
+def forward_rows(model: GPT, cache: KVCache, rows: list[list[int]]) -> torch.Tensor | None:
+    """Logits [B, T, V] for rows of token ids (T = the longest row); row b's real
+    logits are [b, :len(rows[b])]. Each row's pointer ends after its own tokens.
+    None when no row has a token."""
+    t = max(len(r) for r in rows)
+    if t == 0:
+        return None
+    scratch = cache.max_len - 1
+    lengths = cache.lengths.clone()
+    pos = cache.next_positions(t)  # [B, T]
+    idx = torch.zeros(len(rows), t, dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            if lengths[b] + len(row) > scratch and len(row) < t:
+                raise ValueError(f"row {b} would reach the cache's scratch slot {scratch}")
+            idx[b, : len(row)] = torch.tensor(row)
+        pos[b, len(row) :] = scratch
+    logits = model(idx.to(model.device), cache, input_pos=pos)
+    cache.truncate(lengths + torch.tensor([len(r) for r in rows]))
+    return logits
+
+
+def last_logits(logits: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """Each row's logits after its last real token: [B, V] (rows without tokens get row 0)."""
+    ends = torch.tensor([max(len(r) - 1, 0) for r in rows], device=logits.device)
+    return logits[torch.arange(len(rows), device=logits.device), ends]
