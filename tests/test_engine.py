@@ -178,3 +178,69 @@ def test_seeded_sampling_is_reproducible(spec):
     assert runs[0] == runs[1]
     other = sybil.generate(target, prompts[2], 16, temperature=0.9, top_k=50, seed=12, draft=drafts["noisy"], k=3)
     assert other.tokens != runs[0]
+
+
+# --- batches -------------------------------------------------------------------------
+
+BATCH_LENGTHS = [1, 5, 40, 100, 12]
+
+
+def _batch_prompts(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SPEC["vocab_size"], (n,), generator=g).tolist() for n in BATCH_LENGTHS]
+
+
+@pytest.mark.parametrize("draft_name", [None, "noisy", "ngram"])
+def test_each_batch_row_equals_its_solo_run(spec, draft_name):
+    _, target, drafts, _, _ = spec
+    prompts = _batch_prompts()
+    max_new = [20, 3, 25, 40, 1]  # rows stop early at their own max; 100 + 28 fills the context (128)
+    draft = drafts.get(draft_name, draft_name)
+    outs = sybil.generate(target, prompts, max_new, draft=draft, k=4, stop_at_eos=False)
+    assert len(outs) == len(prompts)
+    for p, m, out in zip(prompts, max_new, outs):
+        solo = sybil.generate(target, p, m, draft=draft, k=4, stop_at_eos=False)
+        _assert_same_or_near_tie(target, p, out.tokens, solo.tokens)
+        assert out.finish_reason == solo.finish_reason
+    assert outs[3].finish_reason == "context" and len(outs[3].tokens) == 28
+    assert [len(o.tokens) for o in outs] == [20, 3, 25, 28, 1]
+
+
+def test_batch_rows_stop_at_their_own_eos(eos_checkpoint):
+    model = sybil.load_model(eos_checkpoint)
+    prompts = [[1000, 17, 1000], [5, 6, 7, 8], [1000], [42] * 9]
+    outs = sybil.generate(model, prompts, 12, draft=model, k=3)
+    for p, out in zip(prompts, outs):
+        assert out.tokens == sybil.generate(model, p, 12).tokens
+    assert {o.finish_reason for o in outs} >= {"eos"}
+
+
+@pytest.mark.parametrize("draft_name", [None, "noisy"])
+def test_per_row_seeds_reproduce_solo_samples(spec, draft_name):
+    _, target, drafts, _, _ = spec
+    prompts = _batch_prompts(6)
+    seeds = [3, 1, 4, 1, 5]
+    draft = drafts.get(draft_name)
+    kw = dict(temperature=0.8, top_p=0.9, draft=draft, k=3, stop_at_eos=False)
+    outs = sybil.generate(target, prompts, 10, seed=seeds, **kw)
+    solo = [sybil.generate(target, p, 10, seed=s, **kw).tokens for p, s in zip(prompts, seeds)]
+    assert [o.tokens for o in outs] == solo
+
+
+def test_a_bad_prompt_fails_alone(spec):
+    _, target, _, _, _ = spec
+    prompts = [[1, 2, 3], [], [7] * 200, [9, 9]]
+    outs = sybil.generate(target, prompts, 6, stop_at_eos=False)
+    assert [o.finish_reason for o in outs] == ["length", "error", "error", "length"]
+    assert "empty" in outs[1].error and "context" in outs[2].error
+    assert outs[0].tokens == sybil.generate(target, [1, 2, 3], 6, stop_at_eos=False).tokens
+    assert outs[3].tokens == sybil.generate(target, [9, 9], 6, stop_at_eos=False).tokens
+
+
+def test_batch_telemetry_per_row(spec):
+    _, target, drafts, _, _ = spec
+    outs = sybil.generate(target, _batch_prompts(7)[:3], 15, draft=drafts["noisy"], k=2, stop_at_eos=False)
+    for o in outs:
+        s = o.stats
+        assert s["accepted"] + s["target_tokens"] == len(o.tokens) == 15
+        assert s["batch_size"] == 3

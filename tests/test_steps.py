@@ -1,0 +1,43 @@
+"""forward_rows: ragged rows through one forward, each as if alone."""
+
+import pytest
+import torch
+
+import sybil
+from sybil.kv_cache import KVCache
+from sybil.steps import forward_rows, last_logits
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return sybil.load_model(hf_checkpoint("small"))
+
+
+def test_ragged_rows_match_solo_runs(model):
+    rows = [[1, 2, 3, 4, 5, 6], [7], [], [8, 9, 10]]
+    cache = KVCache.for_model(model.config, 4, 32)
+    logits = forward_rows(model, cache, rows)
+    assert cache.lengths.tolist() == [6, 1, 0, 3]
+    for b, row in enumerate(rows):
+        if row:
+            assert torch.allclose(logits[b, : len(row)], model(torch.tensor([row]))[0], atol=1e-5)
+    # A second ragged step continues each row from its own pointer.
+    more = [[11], [12, 13], [14], []]
+    logits = forward_rows(model, cache, more)
+    for b, (a, m) in enumerate(zip(rows, more)):
+        if m:
+            assert torch.allclose(last_logits(logits, more)[b], model(torch.tensor([a + m]))[0, -1], atol=1e-5)
+    assert cache.lengths.tolist() == [7, 3, 1, 3]
+
+
+def test_no_tokens_at_all_is_none(model):
+    assert forward_rows(model, KVCache.for_model(model.config, 2, 8), [[], []]) is None
+
+
+def test_padding_never_lands_on_a_real_entry(model):
+    cache = KVCache.for_model(model.config, 2, 8)
+    forward_rows(model, cache, [[1] * 7, [2]])
+    with pytest.raises(ValueError, match="scratch"):
+        forward_rows(model, cache, [[3], [4, 5]])  # row 0 would write slot 7 while padded
