@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -45,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m sybil.generate", description="Generate text with GPT-2.")
     p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. 464,2068")
+    src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    src.add_argument("--prompt-ids", type=_ids, action="append", help="prompt as token ids, e.g. 464,2068; repeatable")
+    src.add_argument(
+        "--prompts-file", type=Path, help='one prompt per line, or JSON lines ({"prompt": ...} or {"prompt_ids": [...]})'
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -70,10 +74,55 @@ def _summary(stats: dict) -> str:
     )
 
 
+def read_prompts_file(path: Path) -> list[list[int]]:
+    """Prompts from a file: plain lines are text; lines starting with '{' are JSON."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SybilError(f"cannot read --prompts-file {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            prompts.append(encode(line))
+            continue
+        try:
+            rec = json.loads(line)
+            prompts.append([int(t) for t in rec["prompt_ids"]] if "prompt_ids" in rec else encode(rec["prompt"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SybilError(f"{path}:{n}: expected {{\"prompt\": TEXT}} or {{\"prompt_ids\": [...]}} ({e})") from None
+    if not prompts:
+        raise SybilError(f"--prompts-file {path} has no prompts")
+    return prompts
+
+
+def _record(out: engine.Generation, dtype: torch.dtype, device: torch.device) -> dict:
+    text_ids = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens
+    record = {
+        "prompt_ids": out.prompt_ids,
+        "tokens": out.tokens,
+        "text": decode(text_ids),
+        "finish_reason": out.finish_reason,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        **out.stats,
+    }
+    if out.error:
+        record["error"] = out.error
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.prompt is None and args.prompt_ids is None:
-        raise SybilError("give a prompt with --prompt TEXT or --prompt-ids 1,2,3")
-    prompt_ids = args.prompt_ids if args.prompt_ids is not None else encode(args.prompt)
+    if args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file)
+    elif args.prompt_ids is not None:
+        prompts = args.prompt_ids
+    elif args.prompt is not None:
+        prompts = [encode(p) for p in args.prompt]
+    else:
+        raise SybilError("give a prompt with --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE")
+    batched = len(prompts) > 1
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
     if args.dtype == "auto":
@@ -83,16 +132,18 @@ def run(args: argparse.Namespace) -> int:
     if draft not in (None, "ngram"):
         draft = model if draft == args.model else load_model(draft, dtype, device)
 
-    stream = None if args.json else StreamDecoder()
+    # One prompt streams its text as tokens are committed; a batch prints each
+    # result whole, in input order, once all are done.
+    stream = None if args.json or batched else StreamDecoder()
 
     def on_token(_row: int, t: int) -> None:
         if stream is not None and t != EOT_ID:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()
 
-    out = engine.generate(
+    result = engine.generate(
         model,
-        prompt_ids,
+        prompts if batched else prompts[0],
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -103,29 +154,29 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         on_token=on_token,
     )
-    text_ids = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens
-    if args.json:
-        record = {
-            "prompt_ids": out.prompt_ids,
-            "tokens": out.tokens,
-            "text": decode(text_ids),
-            "finish_reason": out.finish_reason,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            **out.stats,
-        }
-        print(json.dumps(record))
-    else:
-        sys.stdout.write(stream.flush() + "\n")
+    outs = result if batched else [result]
+    for i, out in enumerate(outs):
+        rec = _record(out, dtype, device)
+        if args.json:
+            print(json.dumps(rec))
+        elif stream is not None:
+            sys.stdout.write(stream.flush() + "\n")
+        elif out.error:
+            print(f"[{i}] error: {out.error}")
+        else:
+            print(f"[{i}] {rec['text']}")
+        if out.error:
+            continue
         s = out.stats
-        print(
-            f"[{out.finish_reason}: {len(out.tokens)} tokens, first token {s['prefill_ms']:.0f} ms, "
-            f"{s['decode_tokens_per_s']:.1f} tokens/s]",
-            file=sys.stderr,
-        )
-    if args.stats:
-        print(_summary(out.stats), file=sys.stderr)
-    return 0
+        if not args.json:
+            print(
+                f"[{'' if not batched else f'{i}: '}{out.finish_reason}: {len(out.tokens)} tokens, "
+                f"first token {s['prefill_ms']:.0f} ms, {s['decode_tokens_per_s']:.1f} tokens/s]",
+                file=sys.stderr,
+            )
+        if args.stats:
+            print(_summary(out.stats), file=sys.stderr)
+    return 2 if any(out.error for out in outs) else 0  # the good rows were still printed
 
 
 def main(argv: list[str] | None = None) -> int:

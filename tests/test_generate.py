@@ -93,3 +93,23 @@ def test_sybil_generate_stays_callable_after_importing_the_cli_module(hf_checkpo
 
     model = sybil.load_model(hf_checkpoint("small"))
     assert sybil.generate(model, [1, 2, 3], 3).tokens == sybil.engine.generate(model, [1, 2, 3], 3).tokens
+
+
+def test_batch_from_a_prompts_file_prints_one_json_line_per_prompt_in_order(small, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text('The first prompt\n{"prompt_ids": [5, 6, 7]}\n\n{"prompt": ""}\nA third, longer, prompt: with more words\n')
+    r = _run("--model", small, "--prompts-file", str(f), "--max-new-tokens", "6", "--json", "--ignore-eos")
+    assert r.returncode == 2  # one prompt was bad; the others still ran
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["prompt_ids"] for rec in recs] == [encode("The first prompt"), [5, 6, 7], [], encode("A third, longer, prompt: with more words")]
+    assert recs[2]["finish_reason"] == "error" and "empty" in recs[2]["error"]
+    solo = json.loads(_run("--model", small, "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--json", "--ignore-eos").stdout)
+    assert recs[1]["tokens"] == solo["tokens"]
+    assert all(len(rec["tokens"]) == 6 for i, rec in enumerate(recs) if i != 2)
+
+
+def test_repeated_prompt_flags_make_a_batch(small):
+    r = _run("--model", small, "--prompt", "one", "--prompt", "two words", "--max-new-tokens", "3", "--ignore-eos")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
