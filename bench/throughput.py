@@ -151,6 +151,40 @@ def run_hf(hf_target, prompts, n, repeats, device, hf_draft=None) -> Row:
     return Row(name, "hf" if hf_draft is not None else None, n * len(prompts) / secs)
 
 
+def run_batches(target, draft, prompts, n, repeats, sizes, k, accept, device) -> list[dict]:
+    """Total and per-sequence tokens/s of batched target-only and speculative decoding."""
+    out = []
+    for size in sizes:
+        batch = [prompts[i % len(prompts)] for i in range(size)]
+        sybil.generate(target, batch, 4, stop_at_eos=False)  # warm-up
+        secs, plain = timed(lambda: sybil.generate(target, batch, n, stop_at_eos=False), repeats)
+        out.append({"name": "sybil-batch", "batch": size, "k": None, "total_tokens_per_s": size * n / secs,
+                    "per_seq_tokens_per_s": n / secs, "simulated": False})
+        oracles = [p + o.tokens for p, o in zip(batch, plain)]
+
+        def spec():
+            d = draft if accept is None else SimulatedDrafter(draft, max(map(len, oracles)), oracles, accept, seed=size)
+            return sybil.generate(target, batch, n, draft=d, k=k, stop_at_eos=False)
+
+        secs, outs = timed(spec, repeats)
+        drafted = sum(o.stats["drafted"] for o in outs)
+        out.append({"name": "sybil-batch-speculative", "batch": size, "k": k, "total_tokens_per_s": size * n / secs,
+                    "per_seq_tokens_per_s": n / secs, "simulated": accept is not None,
+                    "acceptance_rate": sum(o.stats["accepted"] for o in outs) / drafted if drafted else 0.0})
+        progress(f"batch {size}: {out[-2]['total_tokens_per_s']:.1f} / {out[-1]['total_tokens_per_s']:.1f} tokens/s")
+    return out
+
+
+def render_batches(rows: list[dict]) -> str:
+    lines = ["\n", "| batch | engine | K | total tokens/s | per-sequence tokens/s | acceptance |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        sim = " SIMULATED" if r["simulated"] else ""
+        acc = f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "n/a"
+        lines.append(f"| {r['batch']} | {r['name']}{sim} | {r['k'] or ''} | {r['total_tokens_per_s']:.2f} | "
+                     f"{r['per_seq_tokens_per_s']:.2f} | {acc} |")
+    return "\n".join(lines)
+
+
 def parse_ks(text: str) -> list[int | str]:
     ks: list[int | str] = []
     for part in text.split(","):
@@ -180,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", default=None, metavar="B,..", help="also run batched rows, e.g. 1,4,8,16")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
@@ -258,6 +293,12 @@ def run(args: argparse.Namespace) -> int:
         if args.k == "1,2,4,8,auto":
             args.k = "1,4,auto"
     ks = parse_ks(args.k)
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
+    except ValueError:
+        sizes = [0]
+    if any(b < 1 for b in sizes):
+        raise SybilError(f"--batch-sizes takes comma-separated positive integers, got {args.batch_sizes!r}")
     if args.simulate_acceptance is not None and not 0 <= args.simulate_acceptance <= 1:
         raise SybilError("--simulate-acceptance must be between 0 and 1")
     if args.max_new_tokens < 1 or args.repeats < 1:
@@ -340,9 +381,16 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "simulated_acceptance": args.simulate_acceptance, "threads": torch.get_num_threads(),
     }
-    print(render(rows, floor, step, config))
+    batch_rows = []
+    if args.batch_sizes:
+        k_batch = next((k for k in ks if isinstance(k, int)), 4)
+        batch_rows = run_batches(target, draft, prompts, args.max_new_tokens, args.repeats, sizes,
+                                 k_batch, args.simulate_acceptance, device)
+    print(render(rows, floor, step, config) + (render_batches(batch_rows) if batch_rows else ""))
     if args.json:
         record = {"config": config, "floor": floor, "step_ms": step, "runs": [asdict(r) for r in rows]}
+        if batch_rows:
+            record["batch_runs"] = batch_rows
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(args.json)
