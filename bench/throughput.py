@@ -22,6 +22,7 @@ import torch
 
 import sybil
 from bench.workload import SimulatedDrafter, hf_mirror, load_prompts, random_model, real_model
+from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.loader import resolve_device, resolve_dtype
@@ -43,7 +44,7 @@ class Row:
     achieved_over_expected: float | None = None
     ms_per_token: float | None = None
     x_floor: float | None = None
-    peak_rss_mb: float | None = None
+    peak_mb: float | None = None
     note: str = ""
 
 
@@ -96,6 +97,16 @@ def leviathan_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: fl
     """Expected speed-up of k-token speculation over plain decoding (Leviathan et al. 2023),
     with the measured draft step and (k+1)-token verify costs, both in target-step units."""
     return expected_tokens(alpha, k) / (k * draft_ratio + verify_ratio)
+
+
+def alpha_from_mean(mean_accepted: float, k: int) -> float:
+    """The per-token acceptance a with expected_tokens(a, k) == mean_accepted (bisection):
+    what measured rounds imply, for rows whose acceptance is real."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < mean_accepted else (lo, mid)
+    return lo
 
 
 def timed(fn, repeats: int) -> tuple[float, list]:
@@ -199,18 +210,14 @@ def parse_ks(text: str) -> list[int | str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class P(argparse.ArgumentParser):
-        def error(self, message: str) -> None:
-            self.exit(2, f"error: {message} (see python -m bench.throughput --help)\n")
-
-    p = P(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="gpt2-medium")
     p.add_argument("--draft", default="gpt2")
     p.add_argument("--weights", choices=["real", "random"], default="real")
     p.add_argument("--simulate-acceptance", type=float, default=None, metavar="A")
     p.add_argument("--k", default="1,2,4,8,auto")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -241,10 +248,12 @@ def render(rows: list[Row], floor: dict, step: dict, config: dict) -> str:
     )
     lines.append(
         "step ms (cache 256): target " + ", ".join(f"{n} tok {v:.1f}" for n, v in step["target"].items())
-        + f"; draft 1 tok {step['draft']['1']:.1f}"
+        + f"; draft 1 tok {step['draft']['1']:.1f} (draft/target step-cost ratio "
+        + f"{step['draft']['1'] / step['target']['1']:.2f})"
     )
     lines.append("")
-    head = "| engine | K | tokens/s | speed-up | acceptance | mean accepted | ms/token | x floor | expected | achieved/expected | peak RSS MB (process) |"
+    peak = "peak CUDA MB" if config["device"].startswith("cuda") else "peak RSS MB (process)"
+    head = f"| engine | K | tokens/s | speed-up | acceptance | mean accepted | ms/token | x floor | expected | achieved/expected | {peak} |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(v, fmt):
@@ -257,7 +266,7 @@ def render(rows: list[Row], floor: dict, step: dict, config: dict) -> str:
             f"| {r.name}{sim} | {'' if r.k is None else r.k} | {tps} | {f(r.speedup, '.2f')} | "
             f"{f(r.acceptance_rate, '.2f')} | {f(r.mean_accepted, '.2f')} | {f(r.ms_per_token, '.1f')} | "
             f"{f(r.x_floor, '.2f')} | {f(r.expected_speedup, '.2f')} | {f(r.achieved_over_expected, '.2f')} | "
-            f"{f(r.peak_rss_mb, '.0f')} |"
+            f"{f(r.peak_mb, '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -327,16 +336,20 @@ def run(args: argparse.Namespace) -> int:
     bw = read_bandwidth_gbps() if device.type == "cpu" else _cuda_copy_bandwidth()
     floor = {"read_GBps": bw, "weight_bytes": weight_bytes(target)}
     floor["floor_ms_per_token"] = floor["weight_bytes"] / (bw * 1e9) * 1000
+    widths = sorted(set(STEP_TOKENS) | {k + 1 for k in ks if isinstance(k, int)})  # each verify width run
     step = {
-        "target": {str(n): step_ms(target, n) for n in STEP_TOKENS},
+        "target": {str(n): step_ms(target, n) for n in widths},
         "draft": {"1": step_ms(draft, 1)},
     }
 
     rows: list[Row] = []
 
     def add(row: Row) -> None:
-        # The process's high-water mark so far: the row's own peak or an earlier one.
-        row.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if device.type == "cuda":  # this row's own peak of allocated GPU memory
+            row.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:  # the process's high-water mark so far: this row's peak or an earlier one
+            row.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(row)
 
     progress("sybil-autoregressive")
@@ -370,9 +383,9 @@ def run(args: argparse.Namespace) -> int:
         r.speedup = r.tokens_per_s / base.tokens_per_s
         r.ms_per_token = 1000 / r.tokens_per_s
         r.x_floor = r.ms_per_token / floor["floor_ms_per_token"]
-        if r.name == "sybil-speculative" and isinstance(r.k, int) and r.k + 1 in (1, 2, 4, 5, 8, 9):
-            alpha = args.simulate_acceptance if r.simulated else r.acceptance_rate
-            verify = step["target"].get(str(r.k + 1)) or step_ms(target, r.k + 1)
+        if r.name == "sybil-speculative" and isinstance(r.k, int):
+            alpha = args.simulate_acceptance if r.simulated else alpha_from_mean(r.mean_accepted, r.k)
+            verify = step["target"][str(r.k + 1)]
             r.expected_speedup = leviathan_speedup(alpha, r.k, step["draft"]["1"] / t1, verify / t1)
             r.achieved_over_expected = r.speedup / r.expected_speedup
 
@@ -412,12 +425,7 @@ def _cuda_copy_bandwidth() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except SybilError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

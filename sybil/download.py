@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from sybil.config import PRESETS
+from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 
 REPOS = {
@@ -72,17 +73,16 @@ def download_preset(name: str, weights_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from sybil.loader import default_weights_dir
 
-    p = argparse.ArgumentParser(prog="python -m sybil.download", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m sybil.download", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="+", metavar="NAME", help=f"presets: {', '.join(PRESETS)}")
     p.add_argument("--dir", type=Path, default=None, help="weights folder (default: weights/)")
-    args = p.parse_args(argv)
-    try:
+
+    def run(args: argparse.Namespace) -> int:
         for name in args.names:
             print(f"{name}: {download_preset(name, args.dir or default_weights_dir())}")
-    except SybilError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(p, run, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from sybil.cuda_graphs import StepGraphs
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
 from sybil.sampling import SamplingParams, probs_from_logits, sample
@@ -44,12 +45,19 @@ class ModelDrafter:
     """
 
     def __init__(
-        self, model: GPT, params: SamplingParams, max_len: int, batch: int = 1, min_confidence: float = 0.0
+        self,
+        model: GPT,
+        params: SamplingParams,
+        max_len: int,
+        batch: int = 1,
+        min_confidence: float = 0.0,
+        graphs: bool = False,
     ) -> None:
         self.model = model
         self.params = params
         self.min_confidence = min_confidence
         self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
+        self.graphs = StepGraphs(model, self.cache) if graphs else None
 
     @torch.inference_mode()
     def propose(self, seqs: list[list[int]], ks: list[int], generators: list[torch.Generator | None]) -> list[Proposal]:
@@ -60,7 +68,7 @@ class ModelDrafter:
         confidence = [1.0] * len(seqs)
         active = [k > 0 for k in ks]
         while any(active):
-            logits = last_logits(forward_rows(self.model, self.cache, rows), rows)
+            logits = last_logits(forward_rows(self.model, self.cache, rows, self.graphs), rows)
             rows = [[] for _ in seqs]
             for b, p in enumerate(out):
                 if not active[b]:

@@ -16,6 +16,7 @@ import torch
 
 from sybil.adaptive import AdaptiveK
 from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal
+from sybil.cuda_graphs import StepGraphs
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
@@ -85,12 +86,14 @@ class Decoder:
         params: SamplingParams,
         drafter: Drafter | None = None,
         generators: list[torch.Generator | None] | None = None,
+        graphs: bool = False,
     ) -> None:
         self.model, self.params, self.drafter = model, params, drafter
         self.generators = generators or [None] * len(prompts)
         self.seqs = [list(p) for p in prompts]
         self.cache = KVCache.for_model(model.config, len(prompts), max_len, dtype=model.dtype, device=model.device)
-        forward_rows(model, self.cache, [s[:-1] for s in self.seqs])  # prefill
+        self.graphs = StepGraphs(model, self.cache) if graphs else None
+        forward_rows(model, self.cache, [s[:-1] for s in self.seqs])  # prefill: eager, its shape is one-off
         self.draft_s = self.verify_s = 0.0  # time of the last round
 
     def round(self, ks: list[int | None]) -> list[Round | None]:
@@ -104,7 +107,7 @@ class Decoder:
             proposals = [Proposal([], None) for _ in ks]
         t1 = time.perf_counter()
         rows = [[s[-1], *p.tokens] if k is not None else [] for s, p, k in zip(self.seqs, proposals, ks)]
-        logits = forward_rows(self.model, self.cache, rows)
+        logits = forward_rows(self.model, self.cache, rows, self.graphs)
         out: list[Round | None] = []
         n_valid = []
         for b, (row, prop) in enumerate(zip(rows, proposals)):
@@ -143,7 +146,7 @@ def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
 
 
 def _make_drafter(
-    draft: GPT | str | Drafter | None, target: GPT, params: SamplingParams, max_len: int, batch: int
+    draft: GPT | str | Drafter | None, target: GPT, params: SamplingParams, max_len: int, batch: int, graphs: bool
 ) -> Drafter | None:
     if draft is None:
         return None
@@ -157,7 +160,7 @@ def _make_drafter(
                 f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                 f"({target.config.vocab_size}); draft and target must share a tokenizer"
             )
-        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch)
+        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch, graphs=graphs)
     return draft  # any object with propose/rewind
 
 
@@ -197,6 +200,7 @@ def generate(
     draft: GPT | str | Drafter | None = None,
     k: int | str = 4,
     on_token: Callable[[int, int], None] | None = None,
+    graphs: bool | None = None,
 ) -> Generation | list[Generation]:
     """Generate up to max_new_tokens after prompt_ids.
 
@@ -211,6 +215,10 @@ def generate(
     model alone would produce: the same tokens when greedy, the same
     distribution when sampling. on_token(row, token) is called as each token
     is committed, for streaming.
+
+    graphs replays the fixed-shape steps (decode, draft, verify) as CUDA graphs;
+    None turns them on when the model is on a CUDA device. On a CPU, True runs
+    the same fixed-shape steps eagerly.
     """
     try:
         params = SamplingParams(temperature, top_k, top_p)
@@ -234,10 +242,12 @@ def generate(
             if not batched:
                 raise
             outs.append(Generation(prompt_ids=list(p), finish_reason="error", error=str(e)))
+    if graphs is None:
+        graphs = model.device.type == "cuda"
     if live:
         _decode(model, [outs[i] for i in live], [max_new[i] for i in live], [seeds[i] for i in live],
                 params, stop_at_eos, draft, k_max, controller,
-                (lambda r, t: on_token(live[r], t)) if on_token else None)
+                (lambda r, t: on_token(live[r], t)) if on_token else None, graphs)
     return outs if batched else outs[0]
 
 
@@ -252,12 +262,13 @@ def _decode(
     k_max: int,
     controller: AdaptiveK | None,
     on_token: Callable[[int, int], None] | None,
+    graphs: bool,
 ) -> None:
     """Run the rounds for rows that passed validation, filling in outs."""
     context = model.config.n_positions
     n_rows = len(outs)
     max_len = min(context, max(len(o.prompt_ids) + m for o, m in zip(outs, max_new)))
-    drafter = _make_drafter(draft, model, params, max_len, n_rows)
+    drafter = _make_drafter(draft, model, params, max_len, n_rows, graphs)
     gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
     tels = [_Telemetry(k_max) for _ in outs]
     first_s: list[float | None] = [None] * n_rows
@@ -265,7 +276,7 @@ def _decode(
     end_s = [0.0] * n_rows
 
     start = time.perf_counter()
-    dec = Decoder(model, [o.prompt_ids for o in outs], max_len, params, drafter, gens)
+    dec = Decoder(model, [o.prompt_ids for o in outs], max_len, params, drafter, gens, graphs)
     while any(not o.finish_reason for o in outs):
         # Never draft past a row's max_new_tokens or the context: a round commits drafts + 1.
         rooms = [min(m - len(o.tokens), max_len - len(s)) - 1 for o, m, s in zip(outs, max_new, dec.seqs)]
@@ -323,5 +334,6 @@ def _decode(
             "new_tokens": len(out.tokens),
             **tels[b].as_dict(end_s[b]),
             "batch_size": n_rows,
+            "capture_s": sum(g.capture_s for g in (dec.graphs, getattr(drafter, "graphs", None)) if g),
             "batch_tokens_per_s": all_tokens / total,
         }

@@ -16,14 +16,10 @@ from pathlib import Path
 import torch
 
 from sybil import engine
+from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.loader import load_model, resolve_device, resolve_dtype
 from sybil.tokenizer import EOT_ID, StreamDecoder, decode, encode
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default prints usage too
-        self.exit(2, f"error: {message} (see python -m sybil.generate --help)\n")
 
 
 def _ids(text: str) -> list[int]:
@@ -43,7 +39,7 @@ def _k(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m sybil.generate", description="Generate text with GPT-2.")
+    p = OneLineParser(prog="python -m sybil.generate", description="Generate text with GPT-2.")
     p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
@@ -180,16 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except SybilError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # e.g. piped into head
-        return 0
+    return run_cli(build_parser(), run, argv)
 
 
 class _CallableModule(types.ModuleType):

@@ -62,23 +62,26 @@ class KVCache:
         return self.lengths[:, None] + torch.arange(t)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Store k, v [B, H, T, D] at positions pos [B, T] (contiguous runs per row)."""
-        if int(pos.max()) >= self.max_len:
-            raise ValueError(f"position {int(pos.max())} is past the cache length {self.max_len}")
-        p0, t = int(pos[0, 0]), pos.shape[1]
-        if pos.shape[0] == 1 and int(pos[0, -1]) == p0 + t - 1:  # one contiguous run: a slice
-            self.k[layer, :, :, p0 : p0 + t] = k
-            self.v[layer, :, :, p0 : p0 + t] = v
-            return
-        rows = torch.arange(pos.shape[0], device=self.k.device)[:, None]  # [B, 1]
-        idx = pos.to(self.k.device)
+        """Store k, v [B, H, T, D] at positions pos [B, T] (on the cache's device).
+
+        No checks and no host synchronisation here, so a CUDA graph can capture
+        it; GPT.forward validates positions before any write.
+        """
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]  # [B, 1]
         # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
-        self.k[layer, rows, :, idx] = k.transpose(1, 2)
-        self.v[layer, rows, :, idx] = v.transpose(1, 2)
+        self.k[layer, rows, :, pos] = k.transpose(1, 2)
+        self.v[layer, rows, :, pos] = v.transpose(1, 2)
 
     def view(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, span, D] of one layer: a view, never a copy."""
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+
+    def advance(self, counts: torch.Tensor | list[int]) -> None:
+        """Move each row's pointer past the counts[b] tokens just written for it."""
+        new = self.lengths + torch.as_tensor(counts, dtype=torch.long)
+        if (new > self.max_len).any():
+            raise ValueError(f"cannot advance lengths {self.lengths.tolist()} past {self.max_len}")
+        self.lengths = new
 
     def truncate(self, lengths: torch.Tensor | list[int] | int) -> None:
         """Rewind rows to the given lengths. O(1): only the pointers move."""

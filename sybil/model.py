@@ -101,30 +101,47 @@ class GPT(nn.Module):
         return self.wte.weight.dtype
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, input_pos: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        *,
+        static: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for every position of idx [B, T].
 
-        With a cache, the tokens are written at input_pos [B, T] (default: each
-        row's length pointer onwards), attend to everything at or before their own
-        position, and each row's pointer ends just after its last written position.
-        Verification needs the logits of every position, so none are dropped.
+        With a cache and no input_pos, the tokens are appended at each row's
+        length pointer, which then moves past them. With input_pos [B, T] they
+        are written there and the pointers are the caller's to move. Each token
+        attends to every cached key at or before its own position. Verification
+        needs the logits of every position, so none are dropped.
+
+        static=True (with a cache and input_pos on the model's device) keeps
+        shapes fixed and never synchronises with the host: it attends over the
+        whole cache, which is what CUDA graph capture needs.
         """
         B, T = idx.shape
         if cache is None:
             pos = torch.arange(T, device=idx.device)[None].expand(B, T) if input_pos is None else input_pos
             mask = None
+        elif static:
+            pos = input_pos
+            key_pos = torch.arange(cache.max_len, device=idx.device)
+            mask = (key_pos[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, max_len]
         else:
             pos = cache.next_positions(T) if input_pos is None else input_pos.cpu()
+            if int(pos.max()) >= min(cache.max_len, self.config.n_positions):
+                raise ValueError(
+                    f"position {int(pos.max())} is past the cache length {cache.max_len} "
+                    f"or the model's context {self.config.n_positions}"
+                )
             span = int(pos.max()) + 1
             # A key at position j is visible to a query at position p iff j <= p: [B, 1, T, span].
             mask = (torch.arange(span)[None, None, :] <= pos[:, :, None])[:, None].to(idx.device)
-        if int(pos.max()) >= self.config.n_positions:
-            raise ValueError(f"position {int(pos.max())} exceeds the model's context of {self.config.n_positions}")
-        pos = pos.to(idx.device)
+            if input_pos is None:
+                cache.lengths = pos[:, -1] + 1
+            pos = pos.to(idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for layer, block in enumerate(self.h):
             x = block(x, mask, cache, layer, pos)
-        if cache is not None:
-            cache.lengths = pos[:, -1].cpu() + 1
         return self.lm_head(self.ln_f(x))

@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import torch
 
+from sybil.cuda_graphs import StepGraphs
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
 
 
-def forward_rows(model: GPT, cache: KVCache, rows: list[list[int]]) -> torch.Tensor | None:
+GRAPH_MAX_TOKENS = 16  # longer feeds (prompts) run eagerly: one shape each, not worth a graph
+
+
+def forward_rows(
+    model: GPT, cache: KVCache, rows: list[list[int]], graphs: StepGraphs | None = None
+) -> torch.Tensor | None:
     """Logits [B, T, V] for rows of token ids (T = the longest row); row b's real
     logits are [b, :len(rows[b])]. Each row's pointer ends after its own tokens.
-    None when no row has a token."""
+    None when no row has a token. With graphs, the forward is a replayed CUDA
+    graph (its logits are valid until the next call)."""
     t = max(len(r) for r in rows)
     if t == 0:
         return None
     scratch = cache.max_len - 1
-    lengths = cache.lengths.clone()
+    lengths = cache.lengths
+    if int((lengths + torch.tensor([len(r) for r in rows])).max()) > cache.max_len:
+        raise ValueError(f"a row would write past the cache length {cache.max_len}")
     pos = cache.next_positions(t)  # [B, T]
     idx = torch.zeros(len(rows), t, dtype=torch.long)
     for b, row in enumerate(rows):
@@ -33,8 +42,11 @@ def forward_rows(model: GPT, cache: KVCache, rows: list[list[int]]) -> torch.Ten
                 raise ValueError(f"row {b} would reach the cache's scratch slot {scratch}")
             idx[b, : len(row)] = torch.tensor(row)
         pos[b, len(row) :] = scratch
-    logits = model(idx.to(model.device), cache, input_pos=pos)
-    cache.truncate(lengths + torch.tensor([len(r) for r in rows]))
+    if graphs is not None and t <= GRAPH_MAX_TOKENS:
+        logits = graphs(idx, pos)
+    else:
+        logits = model(idx.to(model.device), cache, input_pos=pos)
+    cache.advance([len(r) for r in rows])
     return logits
 
 

@@ -244,3 +244,12 @@ def test_batch_telemetry_per_row(spec):
         s = o.stats
         assert s["accepted"] + s["target_tokens"] == len(o.tokens) == 15
         assert s["batch_size"] == 3
+
+
+def test_auto_k_falls_back_to_plain_steps_when_drafts_never_land(spec):
+    """With an independent draft (acceptance ~0) every drafted token is wasted work;
+    k="auto" must notice and spend most rounds as plain target steps."""
+    _, target, drafts, prompts, plain = spec
+    out = sybil.generate(target, prompts[0], 60, draft=drafts["independent"], k="auto", stop_at_eos=False)
+    assert out.tokens == sybil.generate(target, prompts[0], 60, stop_at_eos=False).tokens
+    assert out.stats["drafted"] <= 0.25 * out.stats["rounds"]

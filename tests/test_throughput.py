@@ -6,7 +6,8 @@ import json
 import pytest
 
 from bench import throughput
-from bench.throughput import leviathan_speedup
+from bench.throughput import alpha_from_mean, leviathan_speedup
+from sybil.adaptive import expected_tokens
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,11 @@ def test_leviathan_formula():
     # alpha 0.8, k 4, free draft, verify as cheap as a step: E = (1 - 0.8^5) / 0.2
     assert leviathan_speedup(0.8, 4, 0.0, 1.0) == pytest.approx((1 - 0.8**5) / 0.2)
     assert leviathan_speedup(0.0, 3, 0.5, 1.0) == pytest.approx(1 / 2.5)
+
+
+def test_alpha_from_mean_inverts_the_expectation():
+    for alpha in (0.0, 0.3, 0.8, 0.99):
+        assert alpha_from_mean(expected_tokens(alpha, 4), 4) == pytest.approx(alpha, abs=1e-6)
 
 
 def test_bad_arguments_exit_2(capsys):
