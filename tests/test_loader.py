@@ -45,7 +45,8 @@ def test_prefix_is_optional_and_mask_buffers_are_dropped(tmp_path, tensors):
     bare["h.0.attn.masked_bias"] = torch.tensor(-1e4)
     bare["lm_head.weight"] = bare["wte.weight"].clone()
     got = _logits(sybil.load_model(_write(tmp_path, bare)))
-    assert torch.equal(got, _logits(sybil.load_model(TINY)))
+    # Same weights, same maths; MKL may still sum in another order for other alignments.
+    assert torch.allclose(got, _logits(sybil.load_model(TINY)), rtol=0, atol=1e-6)
 
 
 def test_single_file_infers_config_from_shapes(tmp_path, tensors):
