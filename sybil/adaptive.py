@@ -19,9 +19,12 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 class AdaptiveK:
     K_MAX = 8
-    # Rounds run first, in this order, so every cost the choice needs has been seen.
-    WARMUP = (1, 0, 4)
-    PROBE_EVERY = 16  # after this many plain steps in a row, draft once to refresh acceptance
+    # Rounds run first, in this order: a draft step and a plain step are measured, and
+    # longer windows are tried only once the estimates say they pay (a useless draft
+    # then costs one round, not a K=4 one).
+    WARMUP = (1, 0)
+    PROBE_EVERY = 16  # after this many plain steps in a row, draft once to refresh acceptance;
+    # the gap doubles after each probe, since a probe that changes nothing is pure cost
 
     def __init__(self, k_max: int = K_MAX, decay: float = 0.9, prior_alpha: float = 0.5) -> None:
         self.k_max = k_max
@@ -31,6 +34,7 @@ class AdaptiveK:
         self.verify: dict[int, float] = {}  # tokens in the verify forward -> seconds
         self.rounds = 0
         self.plain_streak = 0
+        self.probe_gap = self.PROBE_EVERY
 
     @property
     def alpha(self) -> float:
@@ -55,7 +59,8 @@ class AdaptiveK:
         k_limit = min(k_limit, self.k_max)
         if self.rounds < len(self.WARMUP):
             return min(self.WARMUP[self.rounds], k_limit)
-        if self.plain_streak >= self.PROBE_EVERY:
+        if self.plain_streak >= self.probe_gap:
+            self.probe_gap *= 2
             return min(1, k_limit)
         return max(range(k_limit + 1), key=self.rate)
 

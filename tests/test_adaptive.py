@@ -41,6 +41,13 @@ def test_plain_streak_triggers_a_probe():
     for _ in range(AdaptiveK.PROBE_EVERY):
         c.update(0, 0, 0.0, 1.0, 1)
     assert c.choose(100) == 1
+    c.update(1, 0, 0.5, 1.1, 2)  # the probe fails: the next one waits twice as long
+    for _ in range(AdaptiveK.PROBE_EVERY):
+        c.update(0, 0, 0.0, 1.0, 1)
+    assert c.choose(100) == 0
+    for _ in range(AdaptiveK.PROBE_EVERY):
+        c.update(0, 0, 0.0, 1.0, 1)
+    assert c.choose(100) == 1
 
 
 def test_warmup_measures_plain_and_drafted_rounds():
