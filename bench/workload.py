@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import sybil
 from sybil.config import PRESETS, GPTConfig
 from sybil.drafters import ModelDrafter
 from sybil.errors import SybilError
-from sybil.loader import KEY_MAP, resolve_checkpoint
+from sybil.loader import key_action, resolve_checkpoint
 from sybil.model import GPT
 from sybil.sampling import SamplingParams
 from sybil.tokenizer import encode
@@ -72,8 +71,7 @@ def hf_mirror(model: GPT):
     for key, t in model.state_dict().items():
         if key == "lm_head.weight":
             continue
-        action = next(a for pattern, a in KEY_MAP if re.fullmatch(pattern, key))
-        state["transformer." + key] = t.t().contiguous() if action == "transpose" else t
+        state["transformer." + key] = t.t().contiguous() if key_action(key) == "transpose" else t
     hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     return hf.to(device=model.device, dtype=model.dtype).eval()

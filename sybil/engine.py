@@ -111,9 +111,9 @@ class Decoder:
         out: list[Round | None] = []
         n_valid = []
         for b, (row, prop) in enumerate(zip(rows, proposals)):
-            if not row:
+            if not row:  # finished: its pointers stay where they are
                 out.append(None)
-                n_valid.append(len(self.seqs[b]))
+                n_valid.append(int(self.cache.lengths[b]))
                 continue
             lg = logits[b, : len(row)]  # [k+1, V]
             if self.params.greedy:
@@ -123,7 +123,7 @@ class Decoder:
             n_valid.append(len(self.seqs[b]) + n_acc)  # valid cache prefix: committed + accepted
             self.seqs[b] += [*prop.tokens[:n_acc], tok]
             out.append(Round(prop.tokens, n_acc, tok))
-        self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))
+        self.cache.truncate(n_valid)
         if self.drafter is not None:
             self.drafter.rewind(n_valid)
         self.draft_s, self.verify_s = t1 - t0, time.perf_counter() - t1

@@ -89,6 +89,3 @@ class KVCache:
         if (new < 0).any() or (new > self.lengths).any():
             raise ValueError(f"cannot truncate lengths {self.lengths.tolist()} to {new.tolist()}")
         self.lengths = new
-
-    def reset(self) -> None:
-        self.lengths = torch.zeros_like(self.lengths)

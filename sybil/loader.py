@@ -94,7 +94,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> GPTConfig:
     return GPTConfig(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
 
 
-def _action(key: str) -> str:
+def key_action(key: str) -> str:
+    """What KEY_MAP says to do with a checkpoint key: copy, transpose, drop or tied."""
     for pattern, action in KEY_MAP:
         if re.fullmatch(pattern, key):
             return action
@@ -133,7 +134,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
         expected = {k: tuple(p.shape) for k, p in model.state_dict().items() if k != "lm_head.weight"}
         state: dict[str, torch.Tensor] = {}
         for key, full in keys.items():
-            action = _action(key)
+            action = key_action(key)
             if action == "drop":
                 continue
             if action == "tied":

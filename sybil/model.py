@@ -130,12 +130,13 @@ class GPT(nn.Module):
             mask = (key_pos[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, max_len]
         else:
             pos = cache.next_positions(T) if input_pos is None else input_pos.cpu()
-            if int(pos.max()) >= min(cache.max_len, self.config.n_positions):
+            last = int(pos.max())
+            if last >= min(cache.max_len, self.config.n_positions):
                 raise ValueError(
-                    f"position {int(pos.max())} is past the cache length {cache.max_len} "
+                    f"position {last} is past the cache length {cache.max_len} "
                     f"or the model's context {self.config.n_positions}"
                 )
-            span = int(pos.max()) + 1
+            span = last + 1
             # A key at position j is visible to a query at position p iff j <= p: [B, 1, T, span].
             mask = (torch.arange(span)[None, None, :] <= pos[:, :, None])[:, None].to(idx.device)
             if input_pos is None:

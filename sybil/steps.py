@@ -32,7 +32,8 @@ def forward_rows(
         return None
     scratch = cache.max_len - 1
     lengths = cache.lengths
-    if int((lengths + torch.tensor([len(r) for r in rows])).max()) > cache.max_len:
+    counts = torch.tensor([len(r) for r in rows])
+    if int((lengths + counts).max()) > cache.max_len:
         raise ValueError(f"a row would write past the cache length {cache.max_len}")
     pos = cache.next_positions(t)  # [B, T]
     idx = torch.zeros(len(rows), t, dtype=torch.long)
@@ -46,7 +47,7 @@ def forward_rows(
         logits = graphs(idx, pos)
     else:
         logits = model(idx.to(model.device), cache, input_pos=pos)
-    cache.advance([len(r) for r in rows])
+    cache.advance(counts)
     return logits
 
 

@@ -1,7 +1,6 @@
 import torch
 
 from sybil.drafters import ModelDrafter, NgramDrafter
-from sybil.kv_cache import KVCache
 from sybil.sampling import SamplingParams
 
 import sybil

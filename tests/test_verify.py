@@ -1,6 +1,5 @@
 """Acceptance rules: greedy, and the speculative sampling rule preserving the target's distribution."""
 
-import itertools
 
 import numpy as np
 import pytest
