@@ -11,25 +11,55 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sybil import matmul
 from sybil.config import GPTConfig
 from sybil.kv_cache import KVCache
 
 
 class Linear(nn.Linear):
-    """nn.Linear, computed as W @ x.T for a few float32 rows on the CPU.
-
-    Measured on the 2-core AVX2 machine (gpt2-medium, 256 cached tokens): MKL's
-    float32 x @ W.T with 5 rows costs about 3x one row, while W @ x.T costs about
-    1.6x, which is what makes verifying K drafts in one forward pay off.
-    """
+    """nn.Linear whose matmul is chosen by sybil.matmul (the C++ kernels on the CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and 1 < rows <= 16):
-            return F.linear(x, self.weight, self.bias)
-        xt = x.reshape(rows, x.shape[-1]).t()  # [K, rows], a view
-        y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-        return y.t().reshape(*x.shape[:-1], -1)  # [N, rows] -> [..., N]
+        return matmul.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: a packed int8 weight and a float32 scale per output channel
+    (sybil.matmul says why packed); activations and bias stay in the compute dtype."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        q, scale = matmul.quantize_int8(weight)
+        return cls(matmul.pack_int8(q), scale, None if bias is None else bias.detach())
+
+    @property
+    def out_features(self) -> int:
+        return self.scale.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul.linear_int8(x, self.packed, self.scale, self.bias)
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings read from the int8 head they are tied to (row n is q[n] * scale[n]),
+    so an int8 model holds no float copy of its largest matrix."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head = [head]  # a list: not a submodule, so its buffers are counted once
+        self.dtype = dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        flat = idx.reshape(-1)
+        rows = matmul.unpack_rows(head.packed, flat).to(self.dtype) * head.scale[flat, None].to(self.dtype)
+        return rows.view(*idx.shape, -1)
 
 
 class Attention(nn.Module):
@@ -43,7 +73,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        qkv = self.c_attn(x)
+        if cache is not None:
+            y = matmul.attend_cached(qkv, cache.k[layer], cache.v[layer], pos, self.n_head)
+            if y is not None:
+                return self.c_proj(y)
+        q, k, v = qkv.split(C, dim=2)
         # [B, T, C] -> [B, H, T, D]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
@@ -94,11 +129,31 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.ln_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        """The compute dtype (activations and cache); int8 weights compute in it too."""
+        return self.ln_f.weight.dtype
+
+    @property
+    def quantized(self) -> str | None:
+        return "int8" if isinstance(self.lm_head, Int8Linear) else None
+
+    @torch.no_grad()
+    def quantize_int8(self) -> "GPT":
+        """Make every linear and the tied head weight-only int8, in place, dropping each
+        float weight as soon as its int8 copy exists (gpt2-xl in float32 is 6 GB)."""
+        if self.quantized:
+            return self
+        for block in self.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                lin = getattr(parent, name)
+                setattr(parent, name, Int8Linear.from_weight(lin.weight, lin.bias))
+        dtype = self.dtype
+        self.lm_head = Int8Linear.from_weight(self.wte.weight, None)
+        self.wte = Int8Embedding(self.lm_head, dtype)
+        return self
 
     def forward(
         self,

@@ -1,0 +1,273 @@
+// Sybil's CPU kernels: a linear layer and a cached attention whose result for a
+// row never depends on how many other rows are computed with it.
+//
+// Why hand-written: BLAS picks a different kernel (and so a different summation
+// order) for 1 row than for 9, so a position's logits differed between a decode
+// step and a verify forward, and in bfloat16 greedy speculative output differed
+// from greedy plain output. Here every output element is one dot product summed
+// in one fixed order (8 lanes over k, then a fixed horizontal sum), whatever the
+// row count, the blocking or the thread split. Reading the weights once for all
+// rows also makes a 9-row verify cost little more than a 1-row step while it
+// stays memory-bound, and the weights may be float32, bfloat16 or int8 (with a
+// float32 scale per output channel), always accumulated in float32.
+//
+// Needs AVX2 and FMA (sybil/native.py checks the CPU before building).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+inline float scalar(float v) { return v; }
+inline float scalar(bf16 v) { return static_cast<float>(v); }
+inline float scalar(int8_t v) { return static_cast<float>(v); }
+
+// The one horizontal sum every dot product uses: (lo + hi) halves, then pairs.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MB rows of x against NB rows of w: out[m][n] = dot(x[m], w[n]), each dot
+// accumulated in one 8-lane register over k in order, then hsum, then the
+// k % 8 tail in order. MB and NB only decide which dots share a pass over w,
+// never the order inside a dot.
+// Weights are addressed as w[n * rs + (k / 8) * ks + k % 8]: a plain [N, K]
+// matrix has rs = K, ks = 8; the packed layout (8 rows interleaved in groups of
+// 8 columns, so a block of 8 rows is one sequential stream) has rs = 8, ks = 64.
+template <typename W, int MB, int NB>
+inline void dots(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, float* out, int64_t ldo) {
+  __m256 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) acc[m][n] = _mm256_setzero_ps();
+  const int64_t kv = K & ~int64_t(7);
+  for (int64_t k = 0; k < kv; k += 8) {
+    for (int n = 0; n < NB; ++n) {
+      const __m256 wv = load8(w + n * rs + (k >> 3) * ks);
+      for (int m = 0; m < MB; ++m) acc[m][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) {
+      float s = hsum(acc[m][n]);
+      for (int64_t k = kv; k < K; ++k) s += scalar(w[n * rs + (k >> 3) * ks + (k & 7)]) * x[m * K + k];
+      out[m * ldo + n] = s;
+    }
+}
+
+constexpr int64_t NBLOCK = 8;  // output channels per task: the unit of the thread split
+constexpr int MAX_MB = 3;      // rows per pass over a block of weights: 3 x 4 sums fill the 16 registers
+                               // (measured: faster than 9 x 1 or 5 x 2 on the AVX2 machine)
+
+// MB rows against nb <= NBLOCK weight rows. Fewer rows share a pass over more
+// weight rows, so that there are always 5 to 9 independent sums in flight.
+template <typename W, int MB>
+inline void pass(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, float* y, int64_t N) {
+  constexpr int NB = MB == 1 ? 8 : 4;
+  int64_t n = 0;
+  for (; n + NB <= nb; n += NB) dots<W, MB, NB>(x, K, w + n * rs, rs, ks, y + n, N);
+  for (; n < nb; ++n) dots<W, MB, 1>(x, K, w + n * rs, rs, ks, y + n, N);
+}
+
+template <typename W>
+inline void pass_any(int mb, const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, float* y,
+                     int64_t N) {
+  switch (mb) {
+    case 1: pass<W, 1>(x, K, w, rs, ks, nb, y, N); break;
+    case 2: pass<W, 2>(x, K, w, rs, ks, nb, y, N); break;
+    default: pass<W, 3>(x, K, w, rs, ks, nb, y, N); break;
+  }
+}
+
+template <typename W>
+void linear_impl(const float* x, int64_t M, int64_t K, const W* w, bool packed, int64_t N, const float* scale,
+                 const float* bias, float* y) {
+  const int64_t rs = packed ? 8 : K, ks = packed ? 64 : 8;  // a block of 8 rows is 8 * K elements either way
+  const int64_t blocks = (N + NBLOCK - 1) / NBLOCK;
+  const int64_t passes = (M + MAX_MB - 1) / MAX_MB;
+  // Enough weights per task that thread start-up stays small next to the reads.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (NBLOCK * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NBLOCK, nb = std::min(NBLOCK, N - n0);
+      // Rows split into near-equal passes of at most MAX_MB; the weight block
+      // stays in L1/L2 between passes.
+      int64_t m0 = 0;
+      for (int64_t p = 0; p < passes; ++p) {
+        const int64_t mb = (M - m0) / (passes - p);
+        pass_any<W>(static_cast<int>(mb), x + m0 * K, K, w + b * NBLOCK * K, rs, ks, nb, y + m0 * N + n0, N);
+        m0 += mb;
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n0 + nb; ++n) {
+          float v = y[m * N + n];
+          if (scale) v *= scale[n];
+          if (bias) v += bias[n];
+          y[m * N + n] = v;
+        }
+    }
+  });
+}
+
+// y = x @ w.T (* scale) (+ bias), x [..., K] float32 or bfloat16, w [N, K] float32,
+// bfloat16 or int8 (then scale [N] float32 is required). Accumulates in float32;
+// the result has x's dtype.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "sybil::linear runs on the CPU");
+  // A 3-d int8 weight [ceil(N / 8), K / 8, 64] is the packed layout (see dots); N is then scale's length.
+  const bool packed = w.dim() == 3;
+  TORCH_CHECK((w.dim() == 2 || packed) && w.is_contiguous(), "sybil::linear: weight must be [N, K] or packed");
+  TORCH_CHECK(!packed || (scale.has_value() && w.size(2) == 64), "sybil::linear: packed weights need a scale");
+  const int64_t K = packed ? w.size(1) * 8 : w.size(1), N = packed ? scale->numel() : w.size(0);
+  TORCH_CHECK(!packed || w.size(0) == (N + 7) / 8, "sybil::linear: packed weight does not match scale");
+  TORCH_CHECK(x.size(-1) == K, "sybil::linear: x has ", x.size(-1), " features, weight ", K);
+  auto xf = x.to(at::kFloat).contiguous().view({-1, K});
+  const int64_t M = xf.size(0);
+  auto y = at::empty({M, N}, xf.options());
+  at::Tensor sc, bs;
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.has_value(), "sybil::linear: int8 weights need a scale");
+    sc = scale->to(at::kFloat).contiguous();
+  }
+  if (bias.has_value()) bs = bias->to(at::kFloat).contiguous();
+  const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  const float* bp = bs.defined() ? bs.data_ptr<float>() : nullptr;
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      linear_impl(xf.data_ptr<float>(), M, K, w.data_ptr<float>(), packed, N, sp, bp, y.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      linear_impl(xf.data_ptr<float>(), M, K, w.data_ptr<bf16>(), packed, N, sp, bp, y.data_ptr<float>());
+      break;
+    case at::kChar:
+      linear_impl(xf.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), packed, N, sp, bp, y.data_ptr<float>());
+      break;
+    default:
+      TORCH_CHECK(false, "sybil::linear: unsupported weight dtype ", w.scalar_type());
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
+}
+
+// One query against keys 0..p of its row and head: scores in float32 with the
+// fixed dot order above, softmax, then the weighted sum of values in key order.
+template <typename T>
+void attend_one(const float* q, const T* kc, const T* vc, int64_t p, int64_t D, float scale, float* scores,
+                float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j <= p; ++j) {
+    const T* kj = kc + j * D;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(kj + d), _mm256_loadu_ps(q + d), acc);
+    float s = hsum(acc);
+    for (; d < D; ++d) s += scalar(kj[d]) * q[d];
+    s *= scale;
+    scores[j] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j <= p; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    sum += scores[j];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    if (d0 + 8 <= D) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = 0; j <= p; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(vc + j * D + d0), acc);
+      _mm256_storeu_ps(out + d0, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    } else {
+      for (int64_t d = d0; d < D; ++d) {
+        float a = 0.f;
+        for (int64_t j = 0; j <= p; ++j) a += scores[j] * scalar(vc[j * D + d]);
+        out[d] = a * inv;
+      }
+    }
+  }
+}
+
+template <typename T>
+void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at::Tensor& pos, int64_t H,
+                 float* y) {
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / H, L = kc.size(2);
+  auto qkv_f = qkv.to(at::kFloat).contiguous();
+  const float* src = qkv_f.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  // Write this forward's keys and values at their positions first: a query sees
+  // the tokens before it in the same forward, exactly as if they had been cached.
+  auto qkv_c = qkv.contiguous();
+  const T* raw = qkv_c.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tn; ++t) {
+      const int64_t p = pp[b * Tn + t];
+      const T* row = raw + (b * Tn + t) * 3 * C;
+      for (int64_t h = 0; h < H; ++h) {
+        std::copy(row + C + h * D, row + C + (h + 1) * D, kp + ((b * H + h) * L + p) * D);
+        std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, vp + ((b * H + h) * L + p) * D);
+      }
+    }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * Tn * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i % H, bt = i / H, b = bt / Tn;
+      const int64_t p = pp[bt];
+      const int64_t off = ((b * H + h) * L) * D;
+      attend_one(src + bt * 3 * C + h * D, kp + off, vp + off, p, D, scale, scores.data(), y + bt * C + h * D);
+    }
+  });
+}
+
+// Causal attention over a preallocated cache. qkv [B, T, 3C] is c_attn's output;
+// its keys and values are written into kc, vc [B, H, L, D] (one layer's cache) at
+// pos [B, T], then each query at position p attends to keys 0..p of its row.
+// Returns [B, T, C] in qkv's dtype.
+at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& pos, int64_t n_head) {
+  TORCH_CHECK(qkv.dim() == 3 && kc.dim() == 4 && vc.dim() == 4, "sybil::attend: bad ranks");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "sybil::attend: cache must be contiguous");
+  TORCH_CHECK(qkv.scalar_type() == kc.scalar_type(), "sybil::attend: cache dtype differs from activations");
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3;
+  TORCH_CHECK(kc.size(0) == B && kc.size(1) == n_head && kc.size(3) * n_head == C, "sybil::attend: cache shape");
+  auto p = pos.to(at::kLong).contiguous();
+  TORCH_CHECK(p.numel() == B * Tn, "sybil::attend: pos must be [B, T]");
+  TORCH_CHECK(p.numel() == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kc.size(2)),
+              "sybil::attend: position outside the cache");
+  auto y = at::empty({B, Tn, C}, qkv.options().dtype(at::kFloat));
+  switch (qkv.scalar_type()) {
+    case at::kFloat: attend_impl<float>(qkv, kc, vc, p, n_head, y.data_ptr<float>()); break;
+    case at::kBFloat16: attend_impl<bf16>(qkv, kc, vc, p, n_head, y.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "sybil::attend: unsupported dtype ", qkv.scalar_type());
+  }
+  return y.to(qkv.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sybil, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
+  m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head) -> Tensor", &attend);
+}

@@ -1,0 +1,104 @@
+"""Building and loading Sybil's C++ CPU kernels (sybil/csrc/kernels.cpp).
+
+The kernels are compiled once per machine with the system C++ compiler against
+the installed torch, cached under ~/.cache/sybil (or $SYBIL_CACHE), and loaded
+as torch custom ops (torch.ops.sybil.linear, torch.ops.sybil.attend). No ninja,
+no pybind, no Python headers: a plain `g++ -shared` of one file.
+
+They need AVX2 and FMA, read from the CPU's flags, never assumed. Where those,
+or a compiler, are missing, `available()` is False with the reason, and
+sybil.matmul falls back to torch's own ops (still exact, slower).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SYBIL_CACHE", Path.home() / ".cache" / "sybil"))
+
+
+def _build(src: Path, out: Path) -> None:
+    torch_dir = Path(torch.__file__).parent
+    inc = torch_dir / "include"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [
+        cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DNDEBUG",
+        f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}",
+        str(src), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch",
+        f"-Wl,-rpath,{torch_dir / 'lib'}", "-o",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: a half-written library is never loaded,
+    # and two processes building at once both end with a whole file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([*cmd, tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=None)
+def _load() -> str | None:
+    """None once the ops are loaded, else why they are not."""
+    if os.environ.get("SYBIL_NATIVE", "1") == "0":
+        return "disabled by SYBIL_NATIVE=0"
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    src = resources.files("sybil").joinpath("csrc/kernels.cpp")
+    code = src.read_bytes()
+    key = hashlib.sha256(code + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"sybil_kernels_{key}.so"
+    if not lib.is_file():
+        print("sybil: compiling the CPU kernels once for this machine (about a minute)", file=sys.stderr)
+        t = time.perf_counter()
+        try:
+            with resources.as_file(src) as path:
+                _build(Path(path), lib)
+        except (RuntimeError, OSError) as e:
+            return str(e)
+        print(f"sybil: kernels built in {time.perf_counter() - t:.0f} s ({lib})", file=sys.stderr)
+    torch.ops.load_library(str(lib))
+    return None
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def why_unavailable() -> str | None:
+    return _load()
