@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 import sybil
+from bench.peers import ct2_peer
 from bench.workload import SimulatedDrafter, hf_mirror, load_prompts, random_model, real_model
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
-from sybil.loader import resolve_device, resolve_dtype
+from sybil import native
+from sybil.loader import check_quantize, resolve_device, resolve_dtype
 from sybil.adaptive import expected_tokens
 
 STEP_TOKENS = (1, 2, 4, 5, 8)
@@ -52,8 +54,9 @@ def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def read_bandwidth_gbps(mb: int = 512, repeats: int = 5) -> float:
-    """Memory read bandwidth as torch sees it: summing a buffer much larger than cache."""
+def read_bandwidth_gbps(mb: int = 1024, repeats: int = 7) -> float:
+    """Memory read bandwidth with every core (torch's sum runs on all its threads) over a
+    buffer far larger than any cache; the best pass, since noise only ever slows a pass."""
     x = torch.ones(mb * 2**20 // 4)
     x.sum()
     times = []
@@ -61,12 +64,14 @@ def read_bandwidth_gbps(mb: int = 512, repeats: int = 5) -> float:
         t = time.perf_counter()
         x.sum()
         times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    return x.numel() * 4 / min(times) / 1e9
 
 
 def weight_bytes(model: sybil.GPT) -> int:
-    """Bytes read per decoded token: every weight once (wpe only one row, so not counted)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "wpe.weight")
+    """Bytes read per decoded token: every weight once, int8 ones and their scales
+    included (wpe only one row, so not counted)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sum(p.numel() * p.element_size() for n, p in tensors if n != "wpe.weight")
 
 
 def _sync(device: torch.device) -> None:
@@ -75,8 +80,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def step_ms(model: sybil.GPT, n_tokens: int, context: int = 256, repeats: int = 7) -> float:
-    """Median ms of one forward over n_tokens with `context` tokens already cached."""
+def step_ms(model: sybil.GPT, n_tokens: int, context: int = 256, repeats: int = 7, vocab: int | None = None) -> float:
+    """Median ms of one forward over n_tokens with `context` tokens already cached
+    (vocab: a reduced head, as a draft with --draft-vocab runs)."""
     context = min(context, model.config.n_positions - n_tokens)
     cache = KVCache.for_model(model.config, 1, context + n_tokens, dtype=model.dtype, device=model.device)
     idx = torch.randint(0, model.config.vocab_size, (1, context + n_tokens), generator=torch.Generator().manual_seed(0))
@@ -87,7 +93,7 @@ def step_ms(model: sybil.GPT, n_tokens: int, context: int = 256, repeats: int = 
         cache.truncate(context)
         _sync(model.device)
         t = time.perf_counter()
-        model(idx[:, context:], cache)
+        model(idx[:, context:], cache, vocab=vocab)
         _sync(model.device)
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times[1:])
@@ -119,18 +125,22 @@ def timed(fn, repeats: int) -> tuple[float, list]:
     return statistics.median(times), out
 
 
-def run_sybil(target, prompts, n, repeats, *, draft=None, k=4, oracles=None, accept=None, device=None) -> tuple[Row, list]:
+def run_sybil(target, prompts, n, repeats, *, draft=None, k=4, oracles=None, accept=None, device=None,
+              draft_vocab=None) -> tuple[Row, list]:
+    vocab = draft_vocab if draft is not None else None
+
     def once():
         outs = []
         for i, p in enumerate(prompts):
             d = draft
             if accept is not None:
-                d = SimulatedDrafter(draft, len(p) + n, [p + oracles[i]], accept, seed=i)
-            outs.append(sybil.generate(target, p, n, draft=d, k=k, stop_at_eos=False))
+                d = SimulatedDrafter(draft, len(p) + n, [p + oracles[i]], accept, seed=i, vocab=vocab)
+            outs.append(sybil.generate(target, p, n, draft=d, k=k, stop_at_eos=False,
+                                       draft_vocab=vocab if accept is None else None))
         _sync(device)
         return outs
 
-    sybil.generate(target, prompts[0], 4, draft=draft, k=k, stop_at_eos=False)  # warm-up, not timed
+    sybil.generate(target, prompts[0], 4, draft=draft, k=k, stop_at_eos=False, draft_vocab=vocab)  # warm-up
     secs, outs = timed(once, repeats)
     tokens = sum(len(o.tokens) for o in outs)
     row = Row("sybil-speculative" if draft is not None else "sybil-autoregressive", k if draft is not None else None, tokens / secs)
@@ -160,6 +170,17 @@ def run_hf(hf_target, prompts, n, repeats, device, hf_draft=None) -> Row:
     secs, _ = timed(once, repeats)
     name = "hf-assisted" if hf_draft is not None else "hf-generate"
     return Row(name, "hf" if hf_draft is not None else None, n * len(prompts) / secs)
+
+
+def run_ct2(peer, prompts, n, repeats) -> Row:
+    def once():
+        return [peer.generate(p, n) for p in prompts]
+
+    peer.generate(prompts[0], 4)  # warm-up
+    secs, outs = timed(once, repeats)
+    row = Row("ct2-generate", None, sum(len(o) for o in outs) / secs)
+    row.note = peer.compute_type
+    return row
 
 
 def run_batches(target, draft, prompts, n, repeats, sizes, k, accept, device) -> list[dict]:
@@ -217,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate-acceptance", type=float, default=None, metavar="A")
     p.add_argument("--k", default="1,2,4,8,auto")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="the target's weights")
+    p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="none",
+                   help="the draft's weights (auto: int8 where the CPU kernels run)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="the draft's head covers ids below N and <|endoftext|> only")
+    p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 row")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4)
@@ -238,8 +265,11 @@ def render(rows: list[Row], floor: dict, step: dict, config: dict) -> str:
         )
     elif config["weights"] == "random":
         lines.append("NOTE: random weights: acceptance rates between random models mean nothing.")
+    q = lambda v: " (int8 weights)" if v else ""  # noqa: E731
+    head = f" (head: ids < {config['draft_vocab']} and <|endoftext|>)" if config["draft_vocab"] else ""
     lines.append(
-        f"target {config['target']}, draft {config['draft']}, {config['dtype']} on {config['device']}, "
+        f"target {config['target']}{q(config['quantize'])}, draft {config['draft']}{q(config['draft_quantize'])}{head}, "
+        f"{config['dtype']} compute on {config['device']} ({config['threads']} threads, kernels: {config['kernels']}), "
         f"{config['prompts']} prompts x {config['max_new_tokens']} tokens, median of {config['repeats']}"
     )
     lines.append(
@@ -322,6 +352,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     prompts = load_prompts(args.prompts)
 
+    quantize = None if args.quantize == "none" else args.quantize
+    draft_quantize = args.draft_quantize
+    if draft_quantize == "auto":
+        draft_quantize = "int8" if device.type == "cpu" and native.available() else "none"
+    draft_quantize = None if draft_quantize == "none" else draft_quantize
+    check_quantize(quantize, device)
+    check_quantize(draft_quantize, device)
     progress(f"loading {args.weights} weights: target {args.target}, draft {args.draft}")
     if args.weights == "random":
         target = random_model(args.target, 0, dtype, device)
@@ -331,6 +368,20 @@ def run(args: argparse.Namespace) -> int:
         draft = real_model(args.draft, dtype, device)
     if draft.config.vocab_size != target.config.vocab_size:
         raise SybilError("draft and target vocabularies differ")
+    if args.draft_vocab is not None and not 1 <= args.draft_vocab <= draft.config.vocab_size:
+        raise SybilError(f"--draft-vocab must be between 1 and {draft.config.vocab_size}")
+    # The peers get the same weights, taken before int8 replaces the float ones.
+    hf_target = hf_draft = None
+    if not args.no_hf and quantize is None:
+        hf_target, hf_draft = hf_mirror(target), hf_mirror(draft)
+    ct2, ct2_note = (None, "skipped (--no-peers)") if args.no_peers else (None, "")
+    if not args.no_peers:
+        progress("converting the target for CTranslate2")
+        ct2, ct2_note = ct2_peer(hf_target if hf_target is not None else hf_mirror(target), dtype, quantize)
+    if quantize:
+        target.quantize_int8()
+    if draft_quantize:
+        draft.quantize_int8()
 
     progress("measuring memory bandwidth and step costs")
     bw = read_bandwidth_gbps() if device.type == "cpu" else _cuda_copy_bandwidth()
@@ -339,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     widths = sorted(set(STEP_TOKENS) | {k + 1 for k in ks if isinstance(k, int)})  # each verify width run
     step = {
         "target": {str(n): step_ms(target, n) for n in widths},
-        "draft": {"1": step_ms(draft, 1)},
+        "draft": {"1": step_ms(draft, 1, vocab=args.draft_vocab)},
     }
 
     rows: list[Row] = []
@@ -360,21 +411,25 @@ def run(args: argparse.Namespace) -> int:
         progress(f"sybil-speculative k={k}" + (f" (simulated acceptance {args.simulate_acceptance})" if args.simulate_acceptance is not None else ""))
         row, _ = run_sybil(
             target, prompts, args.max_new_tokens, args.repeats, draft=draft, k=k,
-            oracles=oracles, accept=args.simulate_acceptance, device=device,
+            oracles=oracles, accept=args.simulate_acceptance, device=device, draft_vocab=args.draft_vocab,
         )
         add(row)
 
-    hf_target = None if args.no_hf else hf_mirror(target)
     if hf_target is None:
-        note = "skipped (--no-hf)" if args.no_hf else "not installed"
+        note = "skipped (--no-hf)" if args.no_hf else "n/a for int8" if quantize else "not installed"
         rows += [Row("hf-generate", None, None, note=note), Row("hf-assisted", "hf", None, note=note)]
     else:
         progress("hf-generate")
         add(run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device))
         progress("hf-assisted (its acceptance is real, not simulated)")
-        row = run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device, hf_mirror(draft))
+        row = run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device, hf_draft)
         row.note = "real acceptance" + (" of random weights" if args.weights == "random" else "")
         add(row)
+    if ct2 is None:
+        rows.append(Row("ct2-generate", None, None, note=ct2_note))
+    else:
+        progress(f"ct2-generate ({ct2.compute_type})")
+        add(run_ct2(ct2, prompts, args.max_new_tokens, args.repeats))
 
     t1 = step["target"]["1"]
     for r in rows:
@@ -393,6 +448,8 @@ def run(args: argparse.Namespace) -> int:
         "target": args.target, "draft": args.draft, "weights": args.weights, "dtype": str(dtype).removeprefix("torch."),
         "device": str(device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "simulated_acceptance": args.simulate_acceptance, "threads": torch.get_num_threads(),
+        "quantize": quantize, "draft_quantize": draft_quantize, "draft_vocab": args.draft_vocab,
+        "kernels": "sybil C++ (AVX2)" if native.available() else f"torch ({native.why_unavailable()})",
     }
     batch_rows = []
     if args.batch_sizes:

@@ -86,8 +86,10 @@ class SimulatedDrafter(ModelDrafter):
     row's position p is oracles[row][p].
     """
 
-    def __init__(self, model: GPT, max_len: int, oracles: list[list[int]], acceptance: float, seed: int) -> None:
-        super().__init__(model, SamplingParams(), max_len, batch=len(oracles))
+    def __init__(
+        self, model: GPT, max_len: int, oracles: list[list[int]], acceptance: float, seed: int, vocab: int | None = None
+    ) -> None:
+        super().__init__(model, SamplingParams(), max_len, batch=len(oracles), vocab=vocab)
         self.oracles = oracles
         self.acceptance = acceptance
         self.rng = random.Random(seed)

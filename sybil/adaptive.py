@@ -90,7 +90,9 @@ class AdaptiveK:
         ema = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new  # noqa: E731
         self.verify[n_fed] = ema(self.verify.get(n_fed), verify_s)
         if drafted:
-            self.draft_step = ema(self.draft_step, draft_s / (steps or drafted))
+            steps = drafted if steps is None else steps
+            if steps > 0:  # 0: the only draft forward was a catch-up
+                self.draft_step = ema(self.draft_step, draft_s / steps)
             self.hits = self.decay * self.hits + accepted
             if misses is None:
                 misses = int(accepted < drafted)

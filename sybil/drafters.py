@@ -7,6 +7,7 @@ committed tokens its state may keep.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,11 @@ class ModelDrafter:
     one forward. min_confidence > 0 ends a row's proposal once the product of the
     draft's probabilities for its own tokens (its estimate that all are
     accepted) drops below it.
+
+    vocab=N drafts from ids below N and <|endoftext|> only (GPT.forward's reduced
+    head). The draft never decides what is kept: its q is its own distribution
+    renormalised on that subset, and the rejection rule still yields the target's
+    distribution exactly.
     """
 
     def __init__(
@@ -52,12 +58,16 @@ class ModelDrafter:
         batch: int = 1,
         min_confidence: float = 0.0,
         graphs: bool = False,
+        vocab: int | None = None,
     ) -> None:
         self.model = model
         self.params = params
         self.min_confidence = min_confidence
+        self.vocab = vocab
+        self.catchup_s = 0.0  # seconds of the last proposal's catch-up forward (0 if it fed <= 2 tokens)
         self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
-        self.graphs = StepGraphs(model, self.cache) if graphs else None
+        # the captured steps compute the whole head; a reduced head runs eagerly
+        self.graphs = StepGraphs(model, self.cache) if graphs and vocab is None else None
 
     @torch.inference_mode()
     def propose(self, seqs: list[list[int]], ks: list[int], generators: list[torch.Generator | None]) -> list[Proposal]:
@@ -67,8 +77,15 @@ class ModelDrafter:
         out = [Proposal([], None if self.params.greedy else []) for _ in seqs]
         confidence = [1.0] * len(seqs)
         active = [k > 0 for k in ks]
+        # The first forward feeds what the cache lacks: one or two tokens after a
+        # drafting round, the prompt or every token since the last draft otherwise.
+        # That catch-up is timed apart so that k="auto" can tell it from a draft step.
+        self.catchup_s, first = 0.0, max(map(len, rows), default=0) > 2
         while any(active):
-            logits = last_logits(forward_rows(self.model, self.cache, rows, self.graphs), rows)
+            t = time.perf_counter()
+            logits = last_logits(forward_rows(self.model, self.cache, rows, self.graphs, self.vocab), rows)
+            if first:
+                self.catchup_s, first = time.perf_counter() - t, False
             rows = [[] for _ in seqs]
             for b, p in enumerate(out):
                 if not active[b]:

@@ -146,10 +146,18 @@ def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
 
 
 def _make_drafter(
-    draft: GPT | str | Drafter | None, target: GPT, params: SamplingParams, max_len: int, batch: int, graphs: bool
+    draft: GPT | str | Drafter | None,
+    target: GPT,
+    params: SamplingParams,
+    max_len: int,
+    batch: int,
+    graphs: bool,
+    draft_vocab: int | None = None,
 ) -> Drafter | None:
     if draft is None:
         return None
+    if draft_vocab is not None and not isinstance(draft, GPT):
+        raise SybilError("draft_vocab restricts a draft model's head; it needs a model draft, not 'ngram'")
     if isinstance(draft, str):
         if draft != "ngram":
             raise SybilError(f"draft {draft!r} is not a model or 'ngram'")
@@ -160,7 +168,9 @@ def _make_drafter(
                 f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                 f"({target.config.vocab_size}); draft and target must share a tokenizer"
             )
-        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch, graphs=graphs)
+        if draft_vocab is not None and not 1 <= draft_vocab <= draft.config.vocab_size:
+            raise SybilError(f"draft_vocab must be between 1 and {draft.config.vocab_size}, got {draft_vocab}")
+        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch, graphs=graphs, vocab=draft_vocab)
     return draft  # any object with propose/rewind
 
 
@@ -201,6 +211,7 @@ def generate(
     k: int | str = 4,
     on_token: Callable[[int, int], None] | None = None,
     graphs: bool | None = None,
+    draft_vocab: int | None = None,
 ) -> Generation | list[Generation]:
     """Generate up to max_new_tokens after prompt_ids.
 
@@ -215,6 +226,9 @@ def generate(
     model alone would produce: the same tokens when greedy, the same
     distribution when sampling. on_token(row, token) is called as each token
     is committed, for streaming.
+
+    draft_vocab=N restricts a draft model's head to ids below N and
+    <|endoftext|> (FR-Spec): cheaper draft steps, the output unchanged.
 
     graphs replays the fixed-shape steps (decode, draft, verify) as CUDA graphs;
     None turns them on when the model is on a CUDA device. On a CPU, True runs
@@ -245,8 +259,11 @@ def generate(
     if graphs is None:
         graphs = model.device.type == "cuda"
     if live:
-        _decode(model, [outs[i] for i in live], [max_new[i] for i in live], [seeds[i] for i in live],
-                params, stop_at_eos, draft, k_max, controller,
+        rows = [outs[i] for i in live]
+        max_len = min(context, max(len(o.prompt_ids) + max_new[i] for o, i in zip(rows, live)))
+        drafter = _make_drafter(draft, model, params, max_len, len(rows), graphs, draft_vocab)
+        _decode(model, rows, [max_new[i] for i in live], [seeds[i] for i in live],
+                params, stop_at_eos, drafter, k_max, controller,
                 (lambda r, t: on_token(live[r], t)) if on_token else None, graphs)
     return outs if batched else outs[0]
 
@@ -258,7 +275,7 @@ def _decode(
     seeds: list[int | None],
     params: SamplingParams,
     stop_at_eos: bool,
-    draft: GPT | str | Drafter | None,
+    drafter: Drafter | None,
     k_max: int,
     controller: AdaptiveK | None,
     on_token: Callable[[int, int], None] | None,
@@ -268,7 +285,6 @@ def _decode(
     context = model.config.n_positions
     n_rows = len(outs)
     max_len = min(context, max(len(o.prompt_ids) + m for o, m in zip(outs, max_new)))
-    drafter = _make_drafter(draft, model, params, max_len, n_rows, graphs)
     gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
     tels = [_Telemetry(k_max) for _ in outs]
     first_s: list[float | None] = [None] * n_rows
@@ -287,11 +303,14 @@ def _decode(
         rounds = dec.round([min(k_round, r) if a else None for r, a in zip(rooms, active)])
         done = [r for r in rounds if r is not None]
         if controller:
+            # A catch-up forward (the draft's prompt, or tokens it missed during plain
+            # steps) is paid once, not per draft token: it stays out of the step estimate.
+            catchup = getattr(drafter, "catchup_s", 0.0) if any(r.drafts for r in done) else 0.0
             controller.update(
                 sum(len(r.drafts) for r in done), sum(r.n_accepted for r in done),
-                dec.draft_s, dec.verify_s, 1 + max(len(r.drafts) for r in done),
+                dec.draft_s - catchup, dec.verify_s, 1 + max(len(r.drafts) for r in done),
                 misses=sum(r.n_accepted < len(r.drafts) for r in done),
-                steps=max(len(r.drafts) for r in done),
+                steps=max(len(r.drafts) for r in done) - (catchup > 0),
             )
         now = time.perf_counter()
         for b, r in enumerate(rounds):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sybil import engine
+from sybil import engine, native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.loader import load_model, resolve_device, resolve_dtype
@@ -54,9 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument(
+        "--quantize", choices=["none", "int8"], default="none",
+        help="int8: weight-only int8 linears and head, quantized at load (CPU); --dtype is then the compute dtype",
+    )
+    p.add_argument(
+        "--draft-quantize", choices=["auto", "none", "int8"], default="auto",
+        help="the draft model's weights (auto: int8 on the CPU, where it is faster; the output is the target's either way)",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
     p.add_argument("--k", type=_k, default=4, help="draft window: a positive integer or 'auto' (default 4)")
+    p.add_argument(
+        "--draft-vocab", type=int, default=None, metavar="N",
+        help="draft from token ids below N and <|endoftext|> only (a cheaper draft head; output unchanged)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--stats", action="store_true", help="print a one-line telemetry summary to stderr")
     return p
@@ -123,10 +135,14 @@ def run(args: argparse.Namespace) -> int:
     dtype, why = resolve_dtype(args.dtype, device)
     if args.dtype == "auto":
         print(f"sybil: dtype {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
-    model = load_model(args.model, dtype, device)
+    model = load_model(args.model, dtype, device, quantize=args.quantize)
     draft = args.draft
     if draft not in (None, "ngram"):
-        draft = model if draft == args.model else load_model(draft, dtype, device)
+        draft_q = args.draft_quantize
+        if draft_q == "auto":  # int8 where the CPU kernels serve it: a draft step costs half as much
+            draft_q = "int8" if device.type == "cpu" and native.available() else "none"
+        same = draft == args.model and draft_q == args.quantize
+        draft = model if same else load_model(draft, dtype, device, quantize=draft_q)
 
     # One prompt streams its text as tokens are committed; a batch prints each
     # result whole, in input order, once all are done.
@@ -149,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         draft=draft,
         k=args.k,
         on_token=on_token,
+        draft_vocab=args.draft_vocab,
     )
     outs = result if batched else [result]
     for i, out in enumerate(outs):

@@ -115,8 +115,27 @@ def _checkpoint_files(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GPT:
-    """Build a GPT from a checkpoint directory or .safetensors file."""
+QUANTIZE = (None, "none", "int8")
+
+
+def check_quantize(quantize: str | None, device: torch.device) -> str | None:
+    """None or "int8"; an error for anything else, or for int8 off the CPU."""
+    if quantize not in QUANTIZE:
+        raise SybilError(f"unknown quantize {quantize!r}; use int8 or none")
+    if quantize == "int8" and device.type != "cpu":
+        raise SybilError("int8 weights are a CPU path; on CUDA use --dtype float16 or bfloat16")
+    return None if quantize == "none" else quantize
+
+
+def load_checkpoint(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+) -> GPT:
+    """Build a GPT from a checkpoint directory or .safetensors file; quantize="int8"
+    makes its linears and head weight-only int8 (dtype is then the compute dtype)."""
+    quantize = check_quantize(quantize, torch.device(device))
     st_path, cfg_path = _checkpoint_files(Path(path))
     try:
         f = safe_open(str(st_path), framework="pt", device="cpu")  # memory-mapped
@@ -153,6 +172,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
             raise SybilError("lm_head.weight differs from wte.weight: untied GPT-2 heads are not supported")
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter; re-tie
+    if quantize == "int8":
+        model.quantize_int8()
     return model.to(device).eval()
 
 
@@ -187,8 +208,14 @@ def load_model(
     *,
     weights_dir: Path | None = None,
     download: bool = True,
+    quantize: str | None = None,
 ) -> GPT:
-    """Load a GPT-2 by preset name (downloading if needed) or checkpoint path."""
+    """Load a GPT-2 by preset name (downloading if needed) or checkpoint path.
+
+    quantize="int8" quantizes every linear and the tied head at load time from
+    the ordinary checkpoint (weight-only, symmetric, per output channel); dtype
+    stays the compute dtype."""
     dev = resolve_device(device)
     dt, _ = resolve_dtype(dtype, dev)
-    return load_checkpoint(resolve_checkpoint(str(name_or_path), weights_dir, download), dt, dev)
+    check_quantize(quantize, dev)
+    return load_checkpoint(resolve_checkpoint(str(name_or_path), weights_dir, download), dt, dev, quantize)

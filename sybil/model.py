@@ -22,6 +22,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.linear(x, self.weight, self.bias)
 
+    def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Outputs start..stop-1 only, from a slice of the weight (a view, no copy)."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        return matmul.linear(x, self.weight[start:stop], bias)
+
 
 class Int8Linear(nn.Module):
     """Weight-only int8: a packed int8 weight and a float32 scale per output channel
@@ -44,6 +49,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.linear_int8(x, self.packed, self.scale, self.bias)
+
+    def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Outputs start..stop-1 only, from whole packed blocks of 8 rows (views, no copy)."""
+        lo = start - start % 8
+        bias = None if self.bias is None else self.bias[lo:stop]
+        y = matmul.linear_int8(x, self.packed[lo // 8 : (stop + 7) // 8], self.scale[lo:stop], bias)
+        return y[..., start - lo :]
 
 
 class Int8Embedding(nn.Module):
@@ -162,6 +174,7 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         *,
         static: bool = False,
+        vocab: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for every position of idx [B, T].
 
@@ -174,6 +187,12 @@ class GPT(nn.Module):
         static=True (with a cache and input_pos on the model's device) keeps
         shapes fixed and never synchronises with the host: it attends over the
         whole cache, which is what CUDA graph capture needs.
+
+        vocab=N computes the logits of ids below N and of the last id (GPT-2's
+        <|endoftext|>) only, and gives the rest -inf: the reduced-vocabulary draft
+        head of FR-Spec (Zhao et al., 2025). GPT-2's ids are BPE merge ranks, so
+        low ids are the common tokens, and the head reads a prefix of the tied
+        embedding, a view.
         """
         B, T = idx.shape
         if cache is None:
@@ -200,4 +219,11 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)
         for layer, block in enumerate(self.h):
             x = block(x, mask, cache, layer, pos)
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        V = self.config.vocab_size
+        if vocab is None or vocab >= V - 1:
+            return self.lm_head(x)
+        logits = x.new_full((*x.shape[:-1], V), float("-inf"))
+        logits[..., :vocab] = self.lm_head.rows(x, 0, vocab)
+        logits[..., V - 1 :] = self.lm_head.rows(x, V - 1, V)
+        return logits

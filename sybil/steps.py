@@ -21,12 +21,12 @@ GRAPH_MAX_TOKENS = 16  # longer feeds (prompts) run eagerly: one shape each, not
 
 
 def forward_rows(
-    model: GPT, cache: KVCache, rows: list[list[int]], graphs: StepGraphs | None = None
+    model: GPT, cache: KVCache, rows: list[list[int]], graphs: StepGraphs | None = None, vocab: int | None = None
 ) -> torch.Tensor | None:
     """Logits [B, T, V] for rows of token ids (T = the longest row); row b's real
     logits are [b, :len(rows[b])]. Each row's pointer ends after its own tokens.
     None when no row has a token. With graphs, the forward is a replayed CUDA
-    graph (its logits are valid until the next call)."""
+    graph (its logits are valid until the next call). vocab: see GPT.forward."""
     t = max(len(r) for r in rows)
     if t == 0:
         return None
@@ -46,7 +46,7 @@ def forward_rows(
     if graphs is not None and t <= GRAPH_MAX_TOKENS:
         logits = graphs(idx, pos)
     else:
-        logits = model(idx.to(model.device), cache, input_pos=pos)
+        logits = model(idx.to(model.device), cache, input_pos=pos, vocab=vocab)
     cache.advance(counts)
     return logits
 

@@ -33,13 +33,19 @@ def _parse_ranks(data: bytes) -> dict[bytes, int]:
 
 
 @lru_cache(maxsize=1)
-def get_encoding() -> tiktoken.Encoding:
-    """The GPT-2 encoding (r50k_base); built once per process."""
+def mergeable_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE ranks (token bytes -> id) from the shipped file, hash checked."""
     data = resources.files("sybil").joinpath("assets/gpt2.tiktoken").read_bytes()
     if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
         raise SybilError("sybil/assets/gpt2.tiktoken is corrupt (sha256 mismatch); reinstall sybil")
+    return _parse_ranks(data)
+
+
+@lru_cache(maxsize=1)
+def get_encoding() -> tiktoken.Encoding:
+    """The GPT-2 encoding (r50k_base); built once per process."""
     return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=_parse_ranks(data), special_tokens={EOT: EOT_ID}
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=mergeable_ranks(), special_tokens={EOT: EOT_ID}
     )
 
 

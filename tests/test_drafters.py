@@ -37,3 +37,27 @@ def test_model_drafter_confidence_stop(hf_checkpoint):
     d = ModelDrafter(model, SamplingParams(), 64, min_confidence=0.999)
     # A random model is never 99.9% sure: one token, then it stops.
     assert len(d.propose([[1, 2, 3]], [6], [None])[0].tokens) == 1
+
+
+def test_reduced_vocabulary_drafter_proposes_only_from_its_subset(hf_checkpoint):
+    model = sybil.load_model(hf_checkpoint("small"))
+    last = model.config.vocab_size - 1
+    full = ModelDrafter(model, SamplingParams(temperature=1.0), 64)
+    part = ModelDrafter(model, SamplingParams(temperature=1.0), 64, vocab=300)
+    g = [torch.Generator().manual_seed(0)]
+    seen_full, seen_part = set(), set()
+    for seed in range(20):
+        g[0].manual_seed(seed)
+        seen_full |= set(full.propose([[5, 6, 7]], [4], g)[0].tokens)
+        full.rewind([0])
+        g[0].manual_seed(seed)
+        prop = part.propose([[5, 6, 7]], [4], g)[0]
+        part.rewind([0])
+        seen_part |= set(prop.tokens)
+        # q is the draft's distribution renormalised on the subset: no mass outside it
+        outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+        outside[:300] = False
+        outside[last] = False
+        assert prop.probs[:, outside].sum().item() == 0 and torch.allclose(prop.probs.sum(-1), torch.ones(4))
+    assert seen_part <= set(range(300)) | {last}
+    assert any(t >= 300 for t in seen_full)  # the full head does propose outside it

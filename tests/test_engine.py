@@ -253,3 +253,41 @@ def test_auto_k_falls_back_to_plain_steps_when_drafts_never_land(spec):
     out = sybil.generate(target, prompts[0], 60, draft=drafts["independent"], k="auto", stop_at_eos=False)
     assert out.tokens == sybil.generate(target, prompts[0], 60, stop_at_eos=False).tokens
     assert out.stats["drafted"] <= 0.25 * out.stats["rounds"]
+
+
+# --- lossless in every fast path: token for token, not "up to floating point" ----------
+
+@pytest.mark.parametrize("mode", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(quantize="int8")],
+                         ids=["float32", "bfloat16", "int8"])
+def test_speculative_greedy_equals_plain_greedy_exactly_in_every_mode(spec, mode):
+    path, _, _, prompts, _ = spec
+    target = sybil.load_model(path, **mode)
+    draft = noisy_copy(target if "quantize" not in mode else sybil.load_model(path), 0.02, seed=0)
+    if "quantize" in mode:
+        draft.quantize_int8()
+    drafted = accepted = 0
+    for p in prompts[:12]:
+        plain = sybil.generate(target, p, NEW, stop_at_eos=False).tokens
+        for k in (1, 4, 8):
+            out = sybil.generate(target, p, NEW, draft=draft, k=k, stop_at_eos=False)
+            assert out.tokens == plain, f"{mode}, k={k}: speculative output differs from plain"
+            drafted += out.stats["drafted"]
+            accepted += out.stats["accepted"]
+    assert 0 < accepted < drafted  # both full runs and rejections were verified
+
+
+def test_int8_and_reduced_vocabulary_drafts_are_lossless(spec):
+    path, target, _, prompts, plain = spec
+    draft = noisy_copy(target, 0.02, seed=0).quantize_int8()
+    for p, want in zip(prompts[:12], plain[:12]):
+        for kw in (dict(k=4), dict(k=4, draft_vocab=1024), dict(k="auto", draft_vocab=1024)):
+            assert sybil.generate(target, p, NEW, draft=draft, stop_at_eos=False, **kw).tokens == want
+
+
+@pytest.mark.parametrize("draft_vocab, message", [(0, "between 1 and"), (10**6, "between 1 and")])
+def test_bad_draft_vocab_is_an_error(spec, draft_vocab, message):
+    _, target, drafts, prompts, _ = spec
+    with pytest.raises(SybilError, match=message):
+        sybil.generate(target, prompts[0], 4, draft=drafts["self"], draft_vocab=draft_vocab)
+    with pytest.raises(SybilError, match="model draft"):
+        sybil.generate(target, prompts[0], 4, draft="ngram", draft_vocab=100)

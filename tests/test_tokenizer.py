@@ -42,12 +42,14 @@ def test_ranks_hash_is_checked(monkeypatch):
     assert hashlib.sha256(data).hexdigest() != tokenizer.RANKS_SHA256
     monkeypatch.setattr(tokenizer.resources, "files", lambda _: _FakeFiles(data))
     tokenizer.get_encoding.cache_clear()
+    tokenizer.mergeable_ranks.cache_clear()
     try:
         with pytest.raises(SybilError, match="sha256"):
             tokenizer.get_encoding()
     finally:
         monkeypatch.undo()
         tokenizer.get_encoding.cache_clear()
+        tokenizer.mergeable_ranks.cache_clear()
 
 
 class _FakeFiles:

@@ -61,12 +61,12 @@ def _exact(target, params):
     return probs
 
 
-def _chi2_pvalue(target, draft, params, k):
+def _chi2_pvalue(target, draft, params, k, **kw):
     exact = _exact(target, params)
     seen: dict[tuple, int] = {}
     for seed in range(N_SAMPLES):
         out = sybil.generate(target, PROMPT, NEW, temperature=params.temperature, top_k=params.top_k,
-                             top_p=params.top_p, seed=seed, stop_at_eos=False, draft=draft, k=k)
+                             top_p=params.top_p, seed=seed, stop_at_eos=False, draft=draft, k=k, **kw)
         seen[tuple(out.tokens)] = seen.get(tuple(out.tokens), 0) + 1
     assert set(seen) <= {c for c, p in exact.items() if p > 0}, "sampled a continuation the target forbids"
     # Pool the rare continuations into one bin so every expected count is >= 5.
@@ -113,3 +113,18 @@ def test_the_chi_square_check_rejects_a_broken_rule(tiny, monkeypatch):
     monkeypatch.setattr(sybil.engine, "accept_sampled", _broken_rule)
     target, draft = tiny
     assert _chi2_pvalue(target, draft, SETTINGS[0], k=2) < P_BROKEN
+
+
+def test_int8_draft_preserves_the_distribution(tiny):
+    import copy
+
+    target, draft = tiny
+    assert _chi2_pvalue(target, copy.deepcopy(draft).quantize_int8(), SETTINGS[0], k=2) > P_OK
+
+
+@pytest.mark.parametrize("params", SETTINGS[:2], ids=["t1", "t0.7-topk4"])
+def test_reduced_vocabulary_draft_preserves_the_distribution(tiny, params):
+    """The draft proposes only ids 0..3 and the last id (7) out of 8; the output must still
+    follow the target's distribution over all 8."""
+    target, draft = tiny
+    assert _chi2_pvalue(target, draft, params, k=2, draft_vocab=4) > P_OK

@@ -1,0 +1,127 @@
+"""sybil.matmul and the C++ kernels behind it: right answers, and the same bits for a
+row whatever else is computed with it (what makes speculative decoding lossless)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sybil import matmul, native
+
+torch.set_grad_enabled(False)
+PATHS = ["kernels", "torch"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run a test through the C++ kernels and through the torch fallback."""
+    if request.param == "kernels":
+        if not native.available():
+            pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    else:
+        monkeypatch.setattr(matmul, "use_kernels", lambda x: False)
+    return request.param
+
+
+def _data(n, k, m, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    return w.to(dtype), b.to(dtype), x.to(dtype)
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (67, 96), (13, 77)])  # N and K tails included
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 9, 17, 40])
+def test_float32_linear_matches_float64(path, n, k, m):
+    w, b, x = _data(n, k, m, seed=n + k + m)
+    want = x.double() @ w.double().T + b.double()
+    got = matmul.linear(x, w, b)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_bitwise_independent_of_the_row_count(path, dtype):
+    w, b, x = _data(200, 256, 9, seed=1, dtype=dtype)
+    alone = torch.cat([matmul.linear(x[i : i + 1], w, b) for i in range(9)])
+    for m in (2, 3, 5, 9):
+        assert torch.equal(matmul.linear(x[:m], w, b), alone[:m]), f"{m} rows differ from one-row calls"
+
+
+def test_bfloat16_linear_rounds_a_float32_accumulation():
+    if not native.available():
+        pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    w, b, x = _data(64, 512, 4, seed=2, dtype=torch.bfloat16)
+    want = (x.float() @ w.float().T + b.float())
+    got = matmul.linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    # one bfloat16 rounding of the result: relative error at most 2^-8
+    assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-3).all()
+
+
+def test_int8_quantization_error_is_half_a_step():
+    w, _, _ = _data(100, 64, 1, seed=3)
+    q, scale = matmul.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (100,)
+    assert q.abs().max() <= 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    # the largest weight of each row is exactly representable
+    assert torch.allclose((q.float() * scale[:, None]).abs().amax(1), w.abs().amax(1))
+
+
+@pytest.mark.parametrize("n", [8, 21, 64])
+def test_packing_round_trips(n):
+    q = torch.randint(-127, 128, (n, 48), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
+    packed = matmul.pack_int8(q)
+    assert packed.shape == ((n + 7) // 8, 6, 64)
+    assert torch.equal(matmul.unpack_rows(packed, torch.arange(n)), q)
+    rows = torch.tensor([n - 1, 0, n // 2, n - 1])
+    assert torch.equal(matmul.unpack_rows(packed, rows), q[rows])
+
+
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_int8_linear_matches_dequantized_float(path, m):
+    w, b, x = _data(67, 128, m, seed=4)
+    q, scale = matmul.quantize_int8(w)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T + b.double()
+    got = matmul.linear_int8(x, matmul.pack_int8(q), scale, b)
+    assert (got.double() - want).abs().max().item() < 1e-4
+    alone = torch.cat([matmul.linear_int8(x[i : i + 1], matmul.pack_int8(q), scale, b) for i in range(m)])
+    assert torch.equal(got, alone)
+
+
+def _cache(b, h, length, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, length, d, generator=g).to(dtype), torch.randn(b, h, length, d, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_attention_matches_sdpa_and_writes_the_cache(path, dtype):
+    B, H, D, L, T = 2, 4, 16, 32, 5
+    kc, vc = _cache(B, H, L, D, dtype, seed=5)
+    qkv = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(6)).to(dtype)
+    pos = torch.tensor([[10, 11, 12, 13, 14], [3, 4, 5, 6, 7]])
+    y = matmul.attend_cached(qkv, kc, vc, pos, H)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    for b in range(B):
+        assert torch.equal(kc[b, :, pos[b]], k[b].transpose(0, 1)) and torch.equal(vc[b, :, pos[b]], v[b].transpose(0, 1))
+        for t in range(T):
+            p = int(pos[b, t]) + 1
+            want = F.scaled_dot_product_attention(
+                q[b, t, :, None].double(), kc[b, :, :p].double(), vc[b, :, :p].double()
+            )[:, 0].reshape(-1)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert (y[b, t].double() - want).abs().max().item() < tol
+
+
+def test_cached_attention_query_bits_do_not_depend_on_the_forward(path):
+    """A query at position p gives the same bits alone as inside a 5-token forward."""
+    B, H, D, L = 1, 4, 16, 32
+    qkv = torch.randn(1, 5, 3 * H * D, generator=torch.Generator().manual_seed(7))
+    kc1, vc1 = _cache(B, H, L, D, torch.float32, seed=8)
+    kc2, vc2 = kc1.clone(), vc1.clone()
+    together = matmul.attend_cached(qkv, kc1, vc1, torch.arange(20, 25)[None], H)
+    alone = torch.cat([matmul.attend_cached(qkv[:, t : t + 1], kc2, vc2, torch.tensor([[20 + t]]), H) for t in range(5)], 1)
+    assert torch.equal(together, alone)
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
