@@ -47,54 +47,52 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MB rows of x against NB rows of w: out[m][n] = dot(x[m], w[n]), each dot
-// accumulated in one 8-lane register over k in order, then hsum, then the
-// k % 8 tail in order. MB and NB only decide which dots share a pass over w,
-// never the order inside a dot.
+constexpr int64_t NBLOCK = 8;   // output channels per task: the unit of the thread split
+constexpr int MAX_MB = 3;       // rows per pass: 3 rows x 4 channels = 12 running sums in the 16 registers
+constexpr int64_t KC = 512;     // columns per chunk: the block's chunk stays in L1 for every pass
+constexpr int64_t M_CHUNK = 48; // rows whose running sums a task keeps in memory
+
+// MB rows of x against NB rows of w over columns k0..k1 (multiples of 8), adding
+// into 8-lane running sums acc[m][n] (rows NBLOCK * 8 floats apart). Every dot
+// product is accumulated lane-wise over k in order, chunk after chunk, then
+// reduced by one fixed hsum: MB, NB, the chunking and the thread split decide
+// only which sums share a pass over the weights, never the order inside a sum.
 // Weights are addressed as w[n * rs + (k / 8) * ks + k % 8]: a plain [N, K]
 // matrix has rs = K, ks = 8; the packed layout (8 rows interleaved in groups of
 // 8 columns, so a block of 8 rows is one sequential stream) has rs = 8, ks = 64.
 template <typename W, int MB, int NB>
-inline void dots(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, float* out, int64_t ldo) {
-  __m256 acc[MB][NB];
+inline void dots(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t k0, int64_t k1, float* acc) {
+  __m256 a[MB][NB];
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) acc[m][n] = _mm256_setzero_ps();
-  const int64_t kv = K & ~int64_t(7);
-  for (int64_t k = 0; k < kv; k += 8) {
+    for (int n = 0; n < NB; ++n) a[m][n] = _mm256_loadu_ps(acc + (m * NBLOCK + n) * 8);
+  for (int64_t k = k0; k < k1; k += 8) {
     for (int n = 0; n < NB; ++n) {
       const __m256 wv = load8(w + n * rs + (k >> 3) * ks);
-      for (int m = 0; m < MB; ++m) acc[m][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][n]);
+      for (int m = 0; m < MB; ++m) a[m][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), a[m][n]);
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) {
-      float s = hsum(acc[m][n]);
-      for (int64_t k = kv; k < K; ++k) s += scalar(w[n * rs + (k >> 3) * ks + (k & 7)]) * x[m * K + k];
-      out[m * ldo + n] = s;
-    }
+    for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc + (m * NBLOCK + n) * 8, a[m][n]);
 }
 
-constexpr int64_t NBLOCK = 8;  // output channels per task: the unit of the thread split
-constexpr int MAX_MB = 3;      // rows per pass over a block of weights: 3 x 4 sums fill the 16 registers
-                               // (measured: faster than 9 x 1 or 5 x 2 on the AVX2 machine)
-
-// MB rows against nb <= NBLOCK weight rows. Fewer rows share a pass over more
-// weight rows, so that there are always 5 to 9 independent sums in flight.
+// MB rows against nb <= NBLOCK weight rows. One row shares a pass with 8 weight
+// rows, more rows with 4, so that 8 to 12 independent sums are in flight.
 template <typename W, int MB>
-inline void pass(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, float* y, int64_t N) {
+inline void pass(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, int64_t k0, int64_t k1,
+                 float* acc) {
   constexpr int NB = MB == 1 ? 8 : 4;
   int64_t n = 0;
-  for (; n + NB <= nb; n += NB) dots<W, MB, NB>(x, K, w + n * rs, rs, ks, y + n, N);
-  for (; n < nb; ++n) dots<W, MB, 1>(x, K, w + n * rs, rs, ks, y + n, N);
+  for (; n + NB <= nb; n += NB) dots<W, MB, NB>(x, K, w + n * rs, rs, ks, k0, k1, acc + n * 8);
+  for (; n < nb; ++n) dots<W, MB, 1>(x, K, w + n * rs, rs, ks, k0, k1, acc + n * 8);
 }
 
 template <typename W>
-inline void pass_any(int mb, const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, float* y,
-                     int64_t N) {
+inline void pass_any(int mb, const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, int64_t k0,
+                     int64_t k1, float* acc) {
   switch (mb) {
-    case 1: pass<W, 1>(x, K, w, rs, ks, nb, y, N); break;
-    case 2: pass<W, 2>(x, K, w, rs, ks, nb, y, N); break;
-    default: pass<W, 3>(x, K, w, rs, ks, nb, y, N); break;
+    case 1: pass<W, 1>(x, K, w, rs, ks, nb, k0, k1, acc); break;
+    case 2: pass<W, 2>(x, K, w, rs, ks, nb, k0, k1, acc); break;
+    default: pass<W, 3>(x, K, w, rs, ks, nb, k0, k1, acc); break;
   }
 }
 
@@ -102,28 +100,39 @@ template <typename W>
 void linear_impl(const float* x, int64_t M, int64_t K, const W* w, bool packed, int64_t N, const float* scale,
                  const float* bias, float* y) {
   const int64_t rs = packed ? 8 : K, ks = packed ? 64 : 8;  // a block of 8 rows is 8 * K elements either way
+  const int64_t kv = K & ~int64_t(7);
   const int64_t blocks = (N + NBLOCK - 1) / NBLOCK;
-  const int64_t passes = (M + MAX_MB - 1) / MAX_MB;
   // Enough weights per task that thread start-up stays small next to the reads.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (NBLOCK * std::max<int64_t>(K, 1)));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(M_CHUNK * NBLOCK * 8);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NBLOCK, nb = std::min(NBLOCK, N - n0);
-      // Rows split into near-equal passes of at most MAX_MB; the weight block
-      // stays in L1/L2 between passes.
-      int64_t m0 = 0;
-      for (int64_t p = 0; p < passes; ++p) {
-        const int64_t mb = (M - m0) / (passes - p);
-        pass_any<W>(static_cast<int>(mb), x + m0 * K, K, w + b * NBLOCK * K, rs, ks, nb, y + m0 * N + n0, N);
-        m0 += mb;
-      }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n0 + nb; ++n) {
-          float v = y[m * N + n];
-          if (scale) v *= scale[n];
-          if (bias) v += bias[n];
-          y[m * N + n] = v;
+      const W* wb = w + b * NBLOCK * K;
+      for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
+        const int64_t mc = std::min(M_CHUNK, M - m0), passes = (mc + MAX_MB - 1) / MAX_MB;
+        std::fill(acc.begin(), acc.begin() + mc * NBLOCK * 8, 0.f);
+        // Every pass uses a chunk of the block while it is in L1: the first pass
+        // streams it from memory, the others compute, so the two overlap.
+        for (int64_t k0 = 0; k0 < kv; k0 += KC) {
+          const int64_t k1 = std::min(k0 + KC, kv);
+          int64_t mm = 0;
+          for (int64_t p = 0; p < passes; ++p) {
+            const int64_t mb = (mc - mm) / (passes - p);  // near-equal passes of at most MAX_MB rows
+            pass_any<W>(static_cast<int>(mb), x + (m0 + mm) * K, K, wb, rs, ks, nb, k0, k1,
+                        acc.data() + mm * NBLOCK * 8);
+            mm += mb;
+          }
         }
+        for (int64_t m = 0; m < mc; ++m)
+          for (int64_t n = 0; n < nb; ++n) {
+            float v = hsum(_mm256_loadu_ps(acc.data() + (m * NBLOCK + n) * 8));
+            for (int64_t k = kv; k < K; ++k) v += scalar(wb[n * rs + (k >> 3) * ks + (k & 7)]) * x[(m0 + m) * K + k];
+            if (scale) v *= scale[n0 + n];
+            if (bias) v += bias[n0 + n];
+            y[(m0 + m) * N + n0 + n] = v;
+          }
+      }
     }
   });
 }
