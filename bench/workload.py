@@ -82,9 +82,17 @@ class SimulatedDrafter(ModelDrafter):
     next token with probability `acceptance`, another token otherwise.
 
     Each row's prompt + target greedy continuation (`oracles`) is known from the
-    plain run, and greedy speculative output equals it, so the right token at a
-    row's position p is oracles[row][p].
+    plain run, and greedy speculative output equals it bit for bit, so the right
+    token at a row's position p is oracles[row][p].
+
+    Acceptances are dealt from shuffled decks of DECK draws holding exactly
+    round(DECK * acceptance) hits: over the few hundred draws of a benchmark,
+    i.i.d. draws stray by +-0.05 from the asked rate (one sigma at 70 draws),
+    while a deck keeps the rate within a partial deck's worth, and biases the
+    expected run length at K=4 by under 1% (simulated: 3.336 against 3.362).
     """
+
+    DECK = 50
 
     def __init__(
         self, model: GPT, max_len: int, oracles: list[list[int]], acceptance: float, seed: int, vocab: int | None = None
@@ -93,11 +101,19 @@ class SimulatedDrafter(ModelDrafter):
         self.oracles = oracles
         self.acceptance = acceptance
         self.rng = random.Random(seed)
+        self.deck: list[bool] = []
+
+    def _hit(self) -> bool:
+        if not self.deck:
+            hits = round(self.acceptance * self.DECK)
+            self.deck = [True] * hits + [False] * (self.DECK - hits)
+            self.rng.shuffle(self.deck)
+        return self.deck.pop()
 
     def _pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
         if position >= len(self.oracles[row]):
             return int(logits.argmax())
         right = self.oracles[row][position]
-        if self.rng.random() < self.acceptance:
+        if self._hit():
             return right
         return (right + 1 + self.rng.randrange(self.model.config.vocab_size - 1)) % self.model.config.vocab_size

@@ -67,6 +67,10 @@ inline void dots(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, 
     for (int n = 0; n < NB; ++n) a[m][n] = _mm256_loadu_ps(acc + (m * NBLOCK + n) * 8);
   for (int64_t k = k0; k < k1; k += 8) {
     for (int n = 0; n < NB; ++n) {
+      // int8: ask for the packed stream 1 KiB ahead (measured: 0.36 -> 0.31 of the
+      // time to sum the same float32 layer; for float32 the same hint cost 10%).
+      if (sizeof(W) == 1 && n == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (k >> 3) * ks) + 1024, _MM_HINT_T0);
       const __m256 wv = load8(w + n * rs + (k >> 3) * ks);
       for (int m = 0; m < MB; ++m) a[m][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), a[m][n]);
     }
