@@ -110,6 +110,11 @@ class SimulatedDrafter(ModelDrafter):
             self.rng.shuffle(self.deck)
         return self.deck.pop()
 
+    def _confidence(self, logits: torch.Tensor, token: int) -> float:
+        """The simulated draft is right with probability `acceptance`, and knows it; the
+        random model's own probability of a token it did not choose would mean nothing."""
+        return self.acceptance
+
     def _pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
         if position >= len(self.oracles[row]):
             return int(logits.argmax())

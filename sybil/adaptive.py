@@ -22,8 +22,9 @@ class AdaptiveK:
     # Rounds run first, in this order: a draft step and a plain step are measured, and
     # longer windows are tried only once the estimates say they pay (a useless draft
     # then costs one round, not a K=4 one).
-    WARMUP = (1, 0)
-    PROBE_EVERY = 16  # after this many plain steps in a row, draft once to refresh acceptance;
+    WARMUP = (2, 0)  # K=2: its first draft forward is the draft's prompt prefill (a catch-up,
+    # kept out of the step estimate), so a second one is needed to measure a draft step
+    PROBE_EVERY = 32  # after this many plain steps in a row, draft once to refresh acceptance;
     # the gap doubles after each probe, since a probe that changes nothing is pure cost
 
     def __init__(self, k_max: int = K_MAX, decay: float = 0.9, prior_alpha: float = 0.5) -> None:
@@ -51,8 +52,10 @@ class AdaptiveK:
         return max(c0 + (c1 - c0) * (n_tokens - n0) / (n1 - n0), 1e-9)
 
     def rate(self, k: int) -> float:
-        """Expected committed tokens per second for a window of k."""
-        cost = self.verify_cost(k + 1) + k * (self.draft_step or 0.0)
+        """Expected committed tokens per second for a window of k. A draft step not yet
+        measured is priced as a target step: never as free."""
+        step = self.draft_step if self.draft_step is not None else self.verify_cost(1)
+        cost = self.verify_cost(k + 1) + k * step
         return expected_tokens(self.alpha, k) / cost
 
     def choose(self, k_limit: int) -> int:
@@ -62,6 +65,9 @@ class AdaptiveK:
         if self.plain_streak >= self.probe_gap:
             self.probe_gap *= 2
             return min(1, k_limit)
+        # Verify costs past the widest one measured are extrapolated: grow K at most
+        # twofold past what was tried, so a noisy line cannot send K to k_max at once.
+        k_limit = min(k_limit, 2 * max(1, max(self.verify, default=1) - 1))
         return max(range(k_limit + 1), key=self.rate)
 
     def min_confidence(self) -> float:

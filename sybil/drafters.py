@@ -98,7 +98,7 @@ class ModelDrafter:
                     p.probs.append(q)
                 p.tokens.append(tok)
                 if self.min_confidence > 0:
-                    confidence[b] *= float(torch.softmax(logits[b].float(), -1)[tok])
+                    confidence[b] *= self._confidence(logits[b], tok)
                 active[b] = len(p.tokens) < ks[b] and confidence[b] >= self.min_confidence
                 if active[b]:
                     rows[b] = [tok]  # the last draft is never fed: verification covers it
@@ -110,6 +110,10 @@ class ModelDrafter:
         """The greedy draft token for a row's `position`; the benchmark's simulated-acceptance
         drafter overrides this to keep the model's cost but choose the token itself."""
         return int(logits.argmax())
+
+    def _confidence(self, logits: torch.Tensor, token: int) -> float:
+        """The draft's own probability of its token: its estimate that the token is accepted."""
+        return float(torch.softmax(logits.float(), -1)[token])
 
     def rewind(self, n_valid: list[int]) -> None:
         self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))

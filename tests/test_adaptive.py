@@ -53,3 +53,17 @@ def test_plain_streak_triggers_a_probe():
 def test_warmup_measures_plain_and_drafted_rounds():
     c = AdaptiveK()
     assert [c.choose(100) for _ in range(1)] == [AdaptiveK.WARMUP[0]]
+
+
+def test_an_unmeasured_draft_step_is_never_free_and_k_grows_gradually():
+    c = AdaptiveK(k_max=8)
+    c.rounds = len(AdaptiveK.WARMUP)
+    c.verify = {1: 1.0, 2: 0.9}  # a noisy pair: extrapolated, longer verifies look free
+    c.hits, c.misses = 0.45, 1.45  # alpha 0.24, as after a failed warm-up
+    assert c.draft_step is None
+    assert c.choose(100) == 0  # priced as a target step, drafting does not pay here
+    c.draft_step = 0.01
+    c.hits, c.misses = 9.0, 1.0  # alpha 0.9
+    assert c.choose(100) == 2  # the widest verify tried was 2 tokens (k=1): at most twice that
+    c.verify[3] = 0.95
+    assert c.choose(100) == 4

@@ -113,3 +113,30 @@ def test_repeated_prompt_flags_make_a_batch(small):
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
+
+
+def test_int8_cli_equals_the_int8_api_and_a_cheap_draft_keeps_it(small):
+    import sybil
+
+    args = ["--model", small, "--prompt-ids", "11,22,33", "--max-new-tokens", "10", "--json", "--ignore-eos"]
+    r = _run(*args, "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    want = sybil.generate(sybil.load_model(small, quantize="int8"), [11, 22, 33], 10, stop_at_eos=False).tokens
+    assert json.loads(r.stdout)["tokens"] == want
+    # an int8 draft with a reduced head proposes; the int8 target decides
+    spec = _run(*args, "--quantize", "int8", "--draft", small, "--draft-quantize", "int8", "--draft-vocab", "500")
+    assert spec.returncode == 0, spec.stderr
+    assert json.loads(spec.stdout)["tokens"] == want
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "int4"], "invalid choice"),
+        (["--draft", "ngram", "--draft-vocab", "100"], "model draft"),
+        (["--draft", "SMALL", "--draft-vocab", "0"], "between 1 and"),
+    ],
+)
+def test_bad_quantize_and_draft_vocab_are_one_line_errors(small, args, message):
+    r = _run("--model", small, "--prompt", "hi", *[small if a == "SMALL" else a for a in args])
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1

@@ -66,3 +66,41 @@ def test_missing_real_weights_suggest_random(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sybil.loader.default_weights_dir", lambda: tmp_path)
     assert throughput.main(["--target", "gpt2-xl", "--quick"]) == 2
     assert "--weights random" in capsys.readouterr().err
+
+
+def test_int8_run_records_its_precision_and_a_peer_row_or_why_not(tiny_pair, tmp_path, capsys):
+    target, draft = tiny_pair
+    out = tmp_path / "bench.json"
+    code = throughput.main(
+        ["--target", str(target), "--draft", str(draft), "--quick", "--simulate-acceptance", "0.8", "--k", "1",
+         "--quantize", "int8", "--draft-quantize", "int8", "--draft-vocab", "1000", "--json", str(out)]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "(int8 weights)" in table and "ids < 1000" in table
+    rec = json.loads(out.read_text())
+    assert rec["config"]["quantize"] == "int8" and rec["config"]["draft_quantize"] == "int8"
+    runs = {r["name"]: r for r in rec["runs"]}
+    assert runs["hf-generate"]["note"] == "n/a for int8"  # transformers has no matching int8 path
+    ct2 = runs["ct2-generate"]
+    assert (ct2["tokens_per_s"] or 0) > 0 or ct2["note"]  # measured, or it says why not
+    # int8 weights are counted at a byte each (plus a scale per row), not four
+    import sybil
+
+    assert rec["floor"]["weight_bytes"] < 0.4 * throughput.weight_bytes(sybil.load_model(target))
+
+
+def test_simulated_acceptance_stays_true(tiny_pair):
+    """The rate a SimulatedDrafter deals is the rate asked for, not one sigma away."""
+    import sybil
+    from bench.workload import SimulatedDrafter
+
+    target, draft = tiny_pair
+    t = sybil.load_model(target)
+    prompt = list(range(5, 15))
+    plain = sybil.generate(t, prompt, 150, stop_at_eos=False).tokens
+    for acceptance in (0.8, 0.5):
+        sd = SimulatedDrafter(sybil.load_model(draft), 200, [prompt + plain], acceptance, seed=0)
+        out = sybil.generate(t, prompt, 150, draft=sd, k=1, stop_at_eos=False)
+        assert out.tokens == plain
+        assert abs(out.stats["acceptance_rate"] - acceptance) <= 0.03
