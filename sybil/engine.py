@@ -259,13 +259,17 @@ def generate(
     if graphs is None:
         graphs = model.device.type == "cuda"
     if live:
-        rows = [outs[i] for i in live]
-        max_len = min(context, max(len(o.prompt_ids) + max_new[i] for o, i in zip(rows, live)))
-        drafter = _make_drafter(draft, model, params, max_len, len(rows), graphs, draft_vocab)
-        _decode(model, rows, [max_new[i] for i in live], [seeds[i] for i in live],
+        rows, row_max = [outs[i] for i in live], [max_new[i] for i in live]
+        drafter = _make_drafter(draft, model, params, _cache_len(model, rows, row_max), len(rows), graphs, draft_vocab)
+        _decode(model, rows, row_max, [seeds[i] for i in live],
                 params, stop_at_eos, drafter, k_max, controller,
                 (lambda r, t: on_token(live[r], t)) if on_token else None, graphs)
     return outs if batched else outs[0]
+
+
+def _cache_len(model: GPT, outs: list[Generation], max_new: list[int]) -> int:
+    """Cache positions the longest row can need: its prompt and output, within the context."""
+    return min(model.config.n_positions, max(len(o.prompt_ids) + m for o, m in zip(outs, max_new)))
 
 
 def _decode(
@@ -284,7 +288,7 @@ def _decode(
     """Run the rounds for rows that passed validation, filling in outs."""
     context = model.config.n_positions
     n_rows = len(outs)
-    max_len = min(context, max(len(o.prompt_ids) + m for o, m in zip(outs, max_new)))
+    max_len = _cache_len(model, outs, max_new)
     gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
     tels = [_Telemetry(k_max) for _ in outs]
     first_s: list[float | None] = [None] * n_rows

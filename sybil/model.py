@@ -43,10 +43,6 @@ class Int8Linear(nn.Module):
         q, scale = matmul.quantize_int8(weight)
         return cls(matmul.pack_int8(q), scale, None if bias is None else bias.detach())
 
-    @property
-    def out_features(self) -> int:
-        return self.scale.shape[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.linear_int8(x, self.packed, self.scale, self.bias)
 
