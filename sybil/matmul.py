@@ -2,7 +2,7 @@
 
 | call                               | path                                   | why |
 |------------------------------------|----------------------------------------|-----|
-| CPU linear, float32/bfloat16/int8  | `torch.ops.sybil.linear` (C++, AVX2)   | one pass over the weights for up to 3 rows at a time on every core, float32 accumulation in a fixed order, so a row's result never depends on how many rows share the call |
+| CPU linear, float32/bfloat16/int8  | `torch.ops.sybil.linear` (C++, AVX2)   | on every core, the weights read from memory once per call (each 512-column chunk of 8 output channels is reused from L1 by every 3-row pass), float32 accumulation in a fixed order, so a row's result never depends on how many rows share the call |
 | CPU attention over the cache       | `torch.ops.sybil.attend`               | each query reads keys 0..p of its row in a fixed order: the same bits in a one-token step and inside a verify forward |
 | CUDA, and `static=True` steps      | torch (`F.linear`, SDPA)               | cuBLAS / flash kernels; CUDA-graph capture |
 | CPU without the kernels (no AVX2, no compiler, `SYBIL_NATIVE=0`) | torch, one row (one query) per call up to 16 rows | still bit-for-bit between step and verify, because every row runs the same one-row kernel; slower |
@@ -23,6 +23,7 @@ prefetcher.
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +32,20 @@ from sybil import native
 
 EXACT_ROWS = 16  # the torch fallback loops over rows up to here, so steps and verifies agree bit for bit
 
-_warned = False
+
+@lru_cache(maxsize=1)
+def _say_fallback(reason: str) -> None:
+    """Once per process: the user should know why decoding is slower than it could be."""
+    print(f"sybil: CPU kernels unavailable ({reason}); using torch's, slower", file=sys.stderr)
 
 
 def use_kernels(x: torch.Tensor) -> bool:
     """Whether the C++ kernels serve this activation (CPU, float32/bfloat16, built)."""
-    global _warned
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if native.available():
         return True
-    if not _warned:
-        _warned = True
-        print(f"sybil: CPU kernels unavailable ({native.why_unavailable()}); using torch's, slower", file=sys.stderr)
+    _say_fallback(native.why_unavailable())
     return False
 
 

@@ -64,7 +64,8 @@ def _build(src: Path, out: Path) -> None:
     try:
         proc = subprocess.run([*cmd, tmp], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            last = (proc.stderr.strip().splitlines() or [f"{cmd[0]} exited with {proc.returncode}"])[-1]
+            raise RuntimeError(f"compiling {src.name} failed: {last}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
