@@ -27,7 +27,7 @@ from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil import native
-from sybil.loader import check_quantize, resolve_device, resolve_dtype
+from sybil.loader import check_quantize, resolve_device, resolve_draft_quantize, resolve_dtype
 from sybil.adaptive import expected_tokens
 
 STEP_TOKENS = (1, 2, 4, 5, 8)
@@ -352,13 +352,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     prompts = load_prompts(args.prompts)
 
-    quantize = None if args.quantize == "none" else args.quantize
-    draft_quantize = args.draft_quantize
-    if draft_quantize == "auto":
-        draft_quantize = "int8" if device.type == "cpu" and native.available() else "none"
-    draft_quantize = None if draft_quantize == "none" else draft_quantize
-    check_quantize(quantize, device)
-    check_quantize(draft_quantize, device)
+    quantize = check_quantize(args.quantize, device)
+    draft_quantize = resolve_draft_quantize(args.draft_quantize, device)
     progress(f"loading {args.weights} weights: target {args.target}, draft {args.draft}")
     if args.weights == "random":
         target = random_model(args.target, 0, dtype, device)

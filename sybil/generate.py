@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from sybil import engine, native
+from sybil import engine
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
-from sybil.loader import load_model, resolve_device, resolve_dtype
+from sybil.loader import check_quantize, load_model, resolve_device, resolve_draft_quantize, resolve_dtype
 from sybil.tokenizer import EOT_ID, StreamDecoder, decode, encode
 
 
@@ -138,10 +138,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype, device, quantize=args.quantize)
     draft = args.draft
     if draft not in (None, "ngram"):
-        draft_q = args.draft_quantize
-        if draft_q == "auto":  # int8 where the CPU kernels serve it: a draft step costs half as much
-            draft_q = "int8" if device.type == "cpu" and native.available() else "none"
-        same = draft == args.model and draft_q == args.quantize
+        draft_q = resolve_draft_quantize(args.draft_quantize, device)
+        same = draft == args.model and draft_q == check_quantize(args.quantize, device)
         draft = model if same else load_model(draft, dtype, device, quantize=draft_q)
 
     # One prompt streams its text as tokens are committed; a batch prints each

@@ -127,6 +127,16 @@ def check_quantize(quantize: str | None, device: torch.device) -> str | None:
     return None if quantize == "none" else quantize
 
 
+def resolve_draft_quantize(quantize: str, device: torch.device) -> str | None:
+    """A draft's weights: "auto" is int8 where the CPU kernels run (the draft never decides
+    what is kept, so its precision is free, and an int8 step reads a quarter of the bytes)."""
+    if quantize == "auto":
+        from sybil import native  # deferred: builds the kernels on first use
+
+        quantize = "int8" if device.type == "cpu" and native.available() else "none"
+    return check_quantize(quantize, device)
+
+
 def load_checkpoint(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
