@@ -127,20 +127,19 @@ def timed(fn, repeats: int) -> tuple[float, list]:
 
 def run_sybil(target, prompts, n, repeats, *, draft=None, k=4, oracles=None, accept=None, device=None,
               draft_vocab=None) -> tuple[Row, list]:
-    vocab = draft_vocab if draft is not None else None
-
     def once():
         outs = []
         for i, p in enumerate(prompts):
             d = draft
             if accept is not None:
-                d = SimulatedDrafter(draft, len(p) + n, [p + oracles[i]], accept, seed=i, vocab=vocab)
+                d = SimulatedDrafter(draft, len(p) + n, [p + oracles[i]], accept, seed=i, vocab=draft_vocab)
+            # a simulated drafter carries its reduced head itself; generate() takes draft_vocab for models
             outs.append(sybil.generate(target, p, n, draft=d, k=k, stop_at_eos=False,
-                                       draft_vocab=vocab if accept is None else None))
+                                       draft_vocab=draft_vocab if accept is None else None))
         _sync(device)
         return outs
 
-    sybil.generate(target, prompts[0], 4, draft=draft, k=k, stop_at_eos=False, draft_vocab=vocab)  # warm-up
+    sybil.generate(target, prompts[0], 4, draft=draft, k=k, stop_at_eos=False, draft_vocab=draft_vocab)  # warm-up
     secs, outs = timed(once, repeats)
     tokens = sum(len(o.tokens) for o in outs)
     row = Row("sybil-speculative" if draft is not None else "sybil-autoregressive", k if draft is not None else None, tokens / secs)
@@ -369,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     hf_target = hf_draft = None
     if not args.no_hf and quantize is None:
         hf_target, hf_draft = hf_mirror(target), hf_mirror(draft)
-    ct2, ct2_note = (None, "skipped (--no-peers)") if args.no_peers else (None, "")
+    ct2, ct2_note = None, "skipped (--no-peers)"
     if not args.no_peers:
         progress("converting the target for CTranslate2")
         ct2, ct2_note = ct2_peer(hf_target if hf_target is not None else hf_mirror(target), dtype, quantize)

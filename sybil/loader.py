@@ -227,5 +227,5 @@ def load_model(
     stays the compute dtype."""
     dev = resolve_device(device)
     dt, _ = resolve_dtype(dtype, dev)
-    check_quantize(quantize, dev)
+    check_quantize(quantize, dev)  # before any download: a bad value fails at once
     return load_checkpoint(resolve_checkpoint(str(name_or_path), weights_dir, download), dt, dev, quantize)

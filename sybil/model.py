@@ -206,9 +206,11 @@ class GPT(nn.Module):
                     f"position {last} is past the cache length {cache.max_len} "
                     f"or the model's context {self.config.n_positions}"
                 )
-            span = last + 1
             # A key at position j is visible to a query at position p iff j <= p: [B, 1, T, span].
-            mask = (torch.arange(span)[None, None, :] <= pos[:, :, None])[:, None].to(idx.device)
+            # On the CPU, sybil.matmul.attend_cached applies that rule itself, so no mask is built.
+            mask = None
+            if idx.device.type != "cpu":
+                mask = (torch.arange(last + 1)[None, None, :] <= pos[:, :, None])[:, None].to(idx.device)
             if input_pos is None:
                 cache.lengths = pos[:, -1] + 1
             pos = pos.to(idx.device)
