@@ -17,7 +17,7 @@ from sybil.cuda_graphs import StepGraphs
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
 from sybil.sampling import SamplingParams, probs_from_logits, sample
-from sybil.steps import forward_rows, last_logits
+from sybil.steps import forward_rows, last_logits, prefill_row
 
 
 @dataclass
@@ -27,11 +27,19 @@ class Proposal:
 
 
 class Drafter(Protocol):
-    def propose(self, seqs: list[list[int]], ks: list[int], generators: list[torch.Generator | None]) -> list[Proposal]:
-        """Up to ks[b] draft tokens after each row's committed tokens seqs[b]."""
+    def propose(
+        self,
+        seqs: list[list[int]],
+        ks: list[int],
+        generators: list[torch.Generator | None],
+        params: list[SamplingParams] | None = None,
+    ) -> list[Proposal]:
+        """Up to ks[b] draft tokens after each row's committed tokens seqs[b], drawn
+        with row b's sampling parameters params[b]."""
 
     def rewind(self, n_valid: list[int]) -> None:
-        """Only the first n_valid[b] tokens of what row b last saw and proposed still stand."""
+        """Only the first n_valid[b] tokens of what row b last saw and proposed still
+        stand (0 when the row starts a new sequence)."""
 
 
 class ModelDrafter:
@@ -64,36 +72,45 @@ class ModelDrafter:
         self.params = params
         self.min_confidence = min_confidence
         self.vocab = vocab
-        self.catchup_s = 0.0  # seconds of the last proposal's catch-up forward (0 if it fed <= 2 tokens)
+        self.catchup_s = 0.0  # seconds of the last proposal's catch-up forwards (0 if none ran)
         self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
         # the captured steps compute the whole head; a reduced head runs eagerly
         self.graphs = StepGraphs(model, self.cache) if graphs and vocab is None else None
 
     @torch.inference_mode()
-    def propose(self, seqs: list[list[int]], ks: list[int], generators: list[torch.Generator | None]) -> list[Proposal]:
+    def propose(
+        self,
+        seqs: list[list[int]],
+        ks: list[int],
+        generators: list[torch.Generator | None],
+        params: list[SamplingParams] | None = None,
+    ) -> list[Proposal]:
+        params = params or [self.params] * len(seqs)
         # The draft writes positions up to len(seq) + k - 2; its last cache slot is scratch.
         ks = [max(0, min(k, self.cache.max_len - len(s))) for k, s in zip(ks, seqs)]
+        # A row that lacks more than the one or two tokens a verification adds (a new
+        # prompt, or the tokens of plain steps) catches up alone, up to its last token,
+        # so that the batch is not padded to its length. That catch-up is timed apart
+        # so that k="auto" can tell it from a draft step.
+        t = time.perf_counter()
+        behind = [b for b, (s, k) in enumerate(zip(seqs, ks)) if k and len(s) - int(self.cache.lengths[b]) > 2]
+        for b in behind:
+            prefill_row(self.model, self.cache, b, seqs[b][int(self.cache.lengths[b]) : -1])
+        self.catchup_s = time.perf_counter() - t if behind else 0.0
         rows = [s[int(n) :] if k else [] for s, k, n in zip(seqs, ks, self.cache.lengths)]
-        out = [Proposal([], None if self.params.greedy else []) for _ in seqs]
+        out = [Proposal([], None if p.greedy else []) for p in params]
         confidence = [1.0] * len(seqs)
         active = [k > 0 for k in ks]
-        # The first forward feeds what the cache lacks: one or two tokens after a
-        # drafting round, the prompt or every token since the last draft otherwise.
-        # That catch-up is timed apart so that k="auto" can tell it from a draft step.
-        self.catchup_s, first = 0.0, max(map(len, rows), default=0) > 2
         while any(active):
-            t = time.perf_counter()
             logits = last_logits(forward_rows(self.model, self.cache, rows, self.graphs, self.vocab), rows)
-            if first:
-                self.catchup_s, first = time.perf_counter() - t, False
             rows = [[] for _ in seqs]
             for b, p in enumerate(out):
                 if not active[b]:
                     continue
-                if self.params.greedy:
+                if params[b].greedy:
                     tok = self._pick_greedy(logits[b], b, len(seqs[b]) + len(p.tokens))
                 else:
-                    q = probs_from_logits(logits[b], self.params)
+                    q = probs_from_logits(logits[b], params[b])
                     tok = int(sample(q, generators[b]))
                     p.probs.append(q)
                 p.tokens.append(tok)
@@ -127,7 +144,7 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, seqs: list[list[int]], ks: list[int], generators=None) -> list[Proposal]:
+    def propose(self, seqs: list[list[int]], ks: list[int], generators=None, params=None) -> list[Proposal]:
         return [self.lookup(s, k) for s, k in zip(seqs, ks)]
 
     def lookup(self, committed: list[int], k: int) -> Proposal:

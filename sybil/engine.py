@@ -21,7 +21,7 @@ from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
 from sybil.sampling import SamplingParams
-from sybil.steps import forward_rows
+from sybil.steps import forward_rows, prefill_row
 from sybil.tokenizer import EOT_ID
 from sybil.verify import accept_greedy, accept_sampled
 
@@ -73,36 +73,41 @@ class Round:
 
 
 class Decoder:
-    """The decoding state of a batch: each row's committed tokens, the target's
-    cache (every committed token but the last, per row) and the drafter. A round
-    is one target forward for all rows; each row accepts its own number of
-    drafts and rewinds its own pointers."""
+    """The decoding state of a fixed number of slots: each slot's committed tokens
+    and sampling, the target's cache (every committed token but the last, per
+    slot) and the drafter. A round is one target forward for all slots; each
+    accepts its own number of drafts and rewinds its own pointers. A slot is
+    restarted for a new sequence between rounds (add), which is how the server
+    lets requests join a running batch."""
 
     def __init__(
-        self,
-        model: GPT,
-        prompts: list[list[int]],
-        max_len: int,
-        params: SamplingParams,
-        drafter: Drafter | None = None,
-        generators: list[torch.Generator | None] | None = None,
-        graphs: bool = False,
+        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, graphs: bool = False
     ) -> None:
-        self.model, self.params, self.drafter = model, params, drafter
-        self.generators = generators or [None] * len(prompts)
-        self.seqs = [list(p) for p in prompts]
-        self.cache = KVCache.for_model(model.config, len(prompts), max_len, dtype=model.dtype, device=model.device)
+        self.model, self.drafter = model, drafter
+        self.seqs: list[list[int]] = [[] for _ in range(slots)]
+        self.params = [SamplingParams()] * slots
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.cache = KVCache.for_model(model.config, slots, max_len, dtype=model.dtype, device=model.device)
         self.graphs = StepGraphs(model, self.cache) if graphs else None
-        forward_rows(model, self.cache, [s[:-1] for s in self.seqs])  # prefill: eager, its shape is one-off
         self.draft_s = self.verify_s = 0.0  # time of the last round
 
+    def add(self, slot: int, prompt: list[int], params: SamplingParams, generator: torch.Generator | None) -> None:
+        """Start a sequence in a slot. Its pointers go back to 0 (whatever an earlier
+        sequence left there is stale and never read) and its prompt, all but the
+        last token, is prefilled on that slot alone: eager, its shape is one-off."""
+        self.seqs[slot], self.params[slot], self.generators[slot] = list(prompt), params, generator
+        self.cache.set_length(slot, 0)
+        prefill_row(self.model, self.cache, slot, prompt[:-1])
+        if self.drafter is not None:
+            self.drafter.rewind([0 if b == slot else len(s) for b, s in enumerate(self.seqs)])
+
     def round(self, ks: list[int | None]) -> list[Round | None]:
-        """Draft up to ks[b] tokens per row, verify all rows in one forward, commit,
-        rewind. Rows with ks[b] None are finished: they feed nothing."""
+        """Draft up to ks[b] tokens per slot, verify all slots in one forward, commit,
+        rewind. Slots with ks[b] None are idle: they feed nothing."""
         t0 = time.perf_counter()
         want = [k or 0 for k in ks]
         if self.drafter is not None and any(want):
-            proposals = self.drafter.propose(self.seqs, want, self.generators)
+            proposals = self.drafter.propose(self.seqs, want, self.generators, self.params)
         else:
             proposals = [Proposal([], None) for _ in ks]
         t1 = time.perf_counter()
@@ -111,15 +116,15 @@ class Decoder:
         out: list[Round | None] = []
         n_valid = []
         for b, (row, prop) in enumerate(zip(rows, proposals)):
-            if not row:  # finished: its pointers stay where they are
+            if not row:  # idle: its pointers stay where they are
                 out.append(None)
                 n_valid.append(int(self.cache.lengths[b]))
                 continue
             lg = logits[b, : len(row)]  # [k+1, V]
-            if self.params.greedy:
+            if self.params[b].greedy:
                 n_acc, tok = accept_greedy(prop.tokens, lg)
             else:
-                n_acc, tok = accept_sampled(prop.tokens, prop.probs, lg, self.params, self.generators[b])
+                n_acc, tok = accept_sampled(prop.tokens, prop.probs, lg, self.params[b], self.generators[b])
             n_valid.append(len(self.seqs[b]) + n_acc)  # valid cache prefix: committed + accepted
             self.seqs[b] += [*prop.tokens[:n_acc], tok]
             out.append(Round(prop.tokens, n_acc, tok))
@@ -244,8 +249,8 @@ def generate(
     seeds = _per_row(seed, len(prompts), "seed")
     if any(not isinstance(m, int) or m < 1 for m in max_new):
         raise SybilError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    context = model.config.n_positions
-    k_max, controller = _parse_k(k, context) if draft is not None else (0, None)
+    if draft is not None:
+        _parse_k(k, model.config.n_positions)  # a bad k is an error before any work
 
     outs, live = [], []  # live: indices of the rows that run
     for i, p in enumerate(prompts):
@@ -258,105 +263,165 @@ def generate(
             outs.append(Generation(prompt_ids=list(p), finish_reason="error", error=str(e)))
     if graphs is None:
         graphs = model.device.type == "cuda"
-    if live:
-        rows, row_max = [outs[i] for i in live], [max_new[i] for i in live]
-        drafter = _make_drafter(draft, model, params, _cache_len(model, rows, row_max), len(rows), graphs, draft_vocab)
-        _decode(model, rows, row_max, [seeds[i] for i in live],
-                params, stop_at_eos, drafter, k_max, controller,
-                (lambda r, t: on_token(live[r], t)) if on_token else None, graphs)
+    if not live:
+        return outs if batched else outs[0]
+
+    start = time.perf_counter()
+    max_len = cache_len(model, [len(outs[i].prompt_ids) + max_new[i] for i in live])
+    drafter = _make_drafter(draft, model, params, max_len, len(live), graphs, draft_vocab)
+    batch = Batch(model, len(live), max_len, drafter, k, graphs)
+    for slot, i in enumerate(live):
+        batch.add(slot, outs[i], max_new[i], params, seeds[i], stop_at_eos)
+    while batch.active:
+        for c in batch.step():
+            for t in c.tokens if on_token else ():
+                on_token(live[c.slot], t)
+    total = time.perf_counter() - start
+    all_tokens = sum(len(outs[i].tokens) for i in live)
+    capture_s = sum(g.capture_s for g in (batch.dec.graphs, getattr(drafter, "graphs", None)) if g)
+    for i in live:
+        outs[i].stats.update(batch_size=len(live), capture_s=capture_s, batch_tokens_per_s=all_tokens / total)
     return outs if batched else outs[0]
 
 
-def _cache_len(model: GPT, outs: list[Generation], max_new: list[int]) -> int:
-    """Cache positions the longest row can need: its prompt and output, within the context."""
-    return min(model.config.n_positions, max(len(o.prompt_ids) + m for o, m in zip(outs, max_new)))
+def cache_len(model: GPT, lengths: list[int]) -> int:
+    """Cache positions the longest row can need (prompt and output), within the context."""
+    return min(model.config.n_positions, max(lengths))
 
 
-def _decode(
-    model: GPT,
-    outs: list[Generation],
-    max_new: list[int],
-    seeds: list[int | None],
-    params: SamplingParams,
-    stop_at_eos: bool,
-    drafter: Drafter | None,
-    k_max: int,
-    controller: AdaptiveK | None,
-    on_token: Callable[[int, int], None] | None,
-    graphs: bool,
-) -> None:
-    """Run the rounds for rows that passed validation, filling in outs."""
-    context = model.config.n_positions
-    n_rows = len(outs)
-    max_len = _cache_len(model, outs, max_new)
-    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
-    tels = [_Telemetry(k_max) for _ in outs]
-    first_s: list[float | None] = [None] * n_rows
-    first_n = [0] * n_rows
-    end_s = [0.0] * n_rows
+@dataclass
+class Committed:
+    """What one round committed for one row."""
 
-    start = time.perf_counter()
-    dec = Decoder(model, [o.prompt_ids for o in outs], max_len, params, drafter, gens, graphs)
-    while any(not o.finish_reason for o in outs):
-        # Never draft past a row's max_new_tokens or the context: a round commits drafts + 1.
-        rooms = [min(m - len(o.tokens), max_len - len(s)) - 1 for o, m, s in zip(outs, max_new, dec.seqs)]
-        active = [not o.finish_reason for o in outs]
-        k_round = controller.choose(max(r for r, a in zip(rooms, active) if a)) if controller else k_max
-        if controller and isinstance(drafter, ModelDrafter):
-            drafter.min_confidence = controller.min_confidence()
-        rounds = dec.round([min(k_round, r) if a else None for r, a in zip(rooms, active)])
+    slot: int
+    tokens: list[int]  # cut where the row ended
+    out: Generation  # finish_reason set when the row ended this round
+    drafted: int
+    accepted: int  # how many of tokens were drafts
+
+
+@dataclass
+class _Row:
+    out: Generation
+    max_new: int
+    stop_at_eos: bool
+    tel: _Telemetry
+    start: float
+    first_s: float | None = None
+    first_n: int = 0
+
+
+class Batch:
+    """Sequences decoding together: a Decoder's slots, each row with its own
+    limits, sampling, seed and telemetry, and one choice of draft window per round.
+
+    This is the round loop of Sybil: generate() fills every slot and steps until
+    all are done; the server's scheduler adds rows to free slots and removes
+    cancelled ones between steps. A row's tokens depend only on its own prompt,
+    sampling parameters and seed (with a fixed k), never on which rows share
+    its rounds: the CPU kernels compute rows independently, and each row draws
+    from its own generator.
+    """
+
+    def __init__(
+        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, k: int | str = 4,
+        graphs: bool = False,
+    ) -> None:
+        self.model = model
+        self.k_max, self.controller = _parse_k(k, model.config.n_positions) if drafter is not None else (0, None)
+        self.drafter = drafter
+        self.dec = Decoder(model, slots, max_len, drafter, graphs)
+        self.rows: list[_Row | None] = [None] * slots
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def free_slots(self) -> list[int]:
+        return [b for b, r in enumerate(self.rows) if r is None]
+
+    def add(
+        self, slot: int, out: Generation, max_new: int, params: SamplingParams, seed: int | None,
+        stop_at_eos: bool = True,
+    ) -> None:
+        """Start out (its prompt checked by the caller) in a free slot: it takes part
+        from the next step on."""
+        if self.rows[slot] is not None:
+            raise ValueError(f"slot {slot} is busy")
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.dec.add(slot, out.prompt_ids, params, gen)
+        self.rows[slot] = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start)
+
+    def remove(self, slot: int) -> None:
+        """Drop a row (cancelled): its slot is free for the next add."""
+        self.rows[slot] = None
+
+    def step(self) -> list[Committed]:
+        """One round for every active row. The rows that ended have finish_reason and
+        stats set, and their slots are free again."""
+        rows, dec = self.rows, self.dec
+        context, max_len = self.model.config.n_positions, dec.cache.max_len
+        # Never draft past a row's max_new_tokens or the cache: a round commits drafts + 1.
+        rooms = [min(r.max_new - len(r.out.tokens), max_len - len(s)) - 1 if r else -1 for r, s in zip(rows, dec.seqs)]
+        k_round = self.controller.choose(max(rooms)) if self.controller else self.k_max
+        if self.controller and isinstance(self.drafter, ModelDrafter):
+            self.drafter.min_confidence = self.controller.min_confidence()
+        rounds = dec.round([min(k_round, room) if r else None for r, room in zip(rows, rooms)])
         done = [r for r in rounds if r is not None]
-        if controller:
-            # A catch-up forward (the draft's prompt, or tokens it missed during plain
+        if self.controller and done:
+            # A catch-up forward (a new prompt, or tokens the draft missed during plain
             # steps) is paid once, not per draft token: it stays out of the step estimate.
-            catchup = getattr(drafter, "catchup_s", 0.0) if any(r.drafts for r in done) else 0.0
-            controller.update(
+            catchup = getattr(self.drafter, "catchup_s", 0.0) if any(r.drafts for r in done) else 0.0
+            self.controller.update(
                 sum(len(r.drafts) for r in done), sum(r.n_accepted for r in done),
                 dec.draft_s - catchup, dec.verify_s, 1 + max(len(r.drafts) for r in done),
                 misses=sum(r.n_accepted < len(r.drafts) for r in done),
-                steps=max(len(r.drafts) for r in done) - (catchup > 0),
+                steps=max(len(r.drafts) for r in done),
             )
         now = time.perf_counter()
-        for b, r in enumerate(rounds):
-            if r is None:
+        results = []
+        for b, rnd in enumerate(rounds):
+            row = rows[b]
+            if rnd is None or row is None:
                 continue
-            out, tel = outs[b], tels[b]
+            out, tel = row.out, row.tel
             tel.rounds += 1
-            tel.drafted += len(r.drafts)
+            tel.drafted += len(rnd.drafts)
             tel.time_draft_s += dec.draft_s
             tel.time_verify_s += dec.verify_s
-            for i, t in enumerate([*r.drafts[: r.n_accepted], r.token]):
-                out.tokens.append(t)
-                if i < r.n_accepted:
+            new = []
+            for i, t in enumerate([*rnd.drafts[: rnd.n_accepted], rnd.token]):
+                new.append(t)
+                if i < rnd.n_accepted:
                     tel.accepted += 1
                     tel.histogram[i] += 1
                 else:
                     tel.target_tokens += 1
-                if on_token:
-                    on_token(b, t)
-                if stop_at_eos and t == EOT_ID:
+                if row.stop_at_eos and t == EOT_ID:
                     out.finish_reason = "eos"
-                elif len(out.tokens) >= max_new[b]:
+                elif len(out.tokens) + len(new) >= row.max_new:
                     out.finish_reason = "length"
-                elif len(out.prompt_ids) + len(out.tokens) >= context:
+                elif len(out.prompt_ids) + len(out.tokens) + len(new) >= context:
                     out.finish_reason = "context"
                 if out.finish_reason:
-                    end_s[b] = now - start
                     break
-            if first_s[b] is None:
-                first_s[b], first_n[b] = now - start, len(out.tokens)
+            out.tokens += new
+            if row.first_s is None:
+                row.first_s, row.first_n = now - row.start, len(out.tokens)
+            if out.finish_reason:
+                out.stats = self._stats(row, now - row.start)
+                rows[b] = None
+            results.append(Committed(b, new, out, len(rnd.drafts), min(rnd.n_accepted, len(new))))
+        return results
 
-    total = time.perf_counter() - start
-    all_tokens = sum(len(o.tokens) for o in outs)
-    for b, out in enumerate(outs):
-        decode_s, decode_tokens = end_s[b] - first_s[b], len(out.tokens) - first_n[b]
-        out.stats = {
-            "prefill_ms": 1000 * first_s[b],  # prompt forward and first round: time to first token
+    @staticmethod
+    def _stats(row: _Row, end_s: float) -> dict:
+        decode_s, decode_tokens = end_s - row.first_s, len(row.out.tokens) - row.first_n
+        return {
+            "prefill_ms": 1000 * row.first_s,  # prompt forward and first round: time to first token
             "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
-            "total_s": end_s[b],
-            "new_tokens": len(out.tokens),
-            **tels[b].as_dict(end_s[b]),
-            "batch_size": n_rows,
-            "capture_s": sum(g.capture_s for g in (dec.graphs, getattr(drafter, "graphs", None)) if g),
-            "batch_tokens_per_s": all_tokens / total,
+            "total_s": end_s,
+            "new_tokens": len(row.out.tokens),
+            **row.tel.as_dict(end_s),
         }

@@ -76,6 +76,24 @@ class KVCache:
         """Keys and values [B, H, span, D] of one layer: a view, never a copy."""
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
 
+    def row(self, b: int) -> "KVCache":
+        """Row b alone, as a cache of batch 1 that shares this cache's buffers (a
+        view, no copy) with its own copy of the pointer: a long prefill of one row
+        then costs that row only, not the whole batch padded to its length.
+        Copy the pointer back with set_length when done."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, b : b + 1], self.v[:, b : b + 1]  # [L, 1, H, S, D]
+        view.lengths = self.lengths[b : b + 1].clone()
+        return view
+
+    def set_length(self, b: int, n: int) -> None:
+        """Point row b at n valid entries (a row restarted for a new sequence gets 0)."""
+        if not 0 <= n <= self.max_len:
+            raise ValueError(f"row length {n} must be in 0..{self.max_len}")
+        lengths = self.lengths.clone()
+        lengths[b] = n
+        self.lengths = lengths
+
     def advance(self, counts: torch.Tensor | list[int]) -> None:
         """Move each row's pointer past the counts[b] tokens just written for it."""
         new = self.lengths + torch.as_tensor(counts, dtype=torch.long)

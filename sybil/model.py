@@ -188,7 +188,8 @@ class GPT(nn.Module):
         <|endoftext|>) only, and gives the rest -inf: the reduced-vocabulary draft
         head of FR-Spec (Zhao et al., 2025). GPT-2's ids are BPE merge ranks, so
         low ids are the common tokens, and the head reads a prefix of the tied
-        embedding, a view.
+        embedding, a view. vocab=0 skips the head and returns the last block's
+        output [B, T, C]: a prefill only needs the cache it writes.
         """
         B, T = idx.shape
         if cache is None:
@@ -217,6 +218,10 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)
         for layer, block in enumerate(self.h):
             x = block(x, mask, cache, layer, pos)
+        return x if vocab == 0 else self.head(x, vocab)
+
+    def head(self, x: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """Logits [..., V] from the last block's output (see forward for vocab)."""
         x = self.ln_f(x)
         V = self.config.vocab_size
         if vocab is None or vocab >= V - 1:

@@ -51,6 +51,19 @@ def forward_rows(
     return logits
 
 
+def prefill_row(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
+    """Write tokens into one row's cache at its pointer, computing no logits. The
+    forward runs on that row alone (KVCache.row), so other rows neither pay for
+    its length nor change; its entries are bitwise those of any other split of
+    the same tokens on the CPU, where every kernel computes rows and queries
+    independently."""
+    if not tokens:
+        return
+    view = cache.row(row)
+    forward_rows(model, view, [tokens], vocab=0)
+    cache.set_length(row, int(view.lengths[0]))
+
+
 def last_logits(logits: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
     """Each row's logits after its last real token: [B, V] (rows without tokens get row 0)."""
     ends = torch.tensor([max(len(r) - 1, 0) for r in rows], device=logits.device)

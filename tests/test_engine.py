@@ -85,7 +85,9 @@ def test_rewind_leaves_caches_as_a_fresh_run_would(spec):
     _, target, drafts, prompts, _ = spec
     rows = [prompts[3], prompts[4]]  # two rows: each rewinds its own pointers
     drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2)
-    dec = Decoder(target, rows, 128, SamplingParams(), drafter)
+    dec = Decoder(target, 2, 128, drafter)
+    for b, row in enumerate(rows):
+        dec.add(b, row, SamplingParams(), None)
     rejections = 0
     for _ in range(8):
         rounds = dec.round([4, 4])

@@ -1,0 +1,214 @@
+"""Continuous batching for the server: one thread owns the models and runs Sybil's
+round loop (engine.Batch) over the requests in flight.
+
+Requests wait in a bounded queue and join the running batch at round boundaries,
+each in a free slot of the preallocated caches; a row leaves when it finishes or
+its client cancels, and its slot is free for the next round. The HTTP layer
+(sybil.api) never touches a model: it submits Jobs and receives Events through
+a callback, called on this thread, that must not block.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sybil.drafters import Drafter
+from sybil.engine import Batch, Generation, _make_drafter
+from sybil.errors import SybilError
+from sybil.model import GPT
+from sybil.sampling import SamplingParams
+
+
+@dataclass
+class Event:
+    """What one round did for one job. finish_reason is set on its last event:
+    "eos", "length", "context" (from the engine), "cancelled" or "error"."""
+
+    tokens: list[int]
+    drafted: int = 0
+    accepted: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    time: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Job:
+    prompt: list[int]  # checked by the caller: non-empty, in the vocabulary, fits the context with max_tokens
+    max_tokens: int
+    params: SamplingParams
+    seed: int | None = None  # None: a fresh random seed when sampling
+    stop_at_eos: bool = True
+    emit: Callable[[Event], None] = lambda event: None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class QueueFull(SybilError):
+    """More requests than --max-batch running and --max-queue waiting."""
+
+
+class ShuttingDown(SybilError):
+    """The server is draining and takes no new requests."""
+
+
+class Scheduler:
+    """Owns the target (and draft) and a Batch of max_batch slots; runs rounds on its
+    own thread while any job is running."""
+
+    def __init__(
+        self,
+        model: GPT,
+        draft: GPT | str | Drafter | None = None,
+        k: int | str = 4,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        draft_vocab: int | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise SybilError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        max_len = model.config.n_positions
+        graphs = model.device.type == "cuda"
+        drafter = _make_drafter(draft, model, SamplingParams(), max_len, max_batch, graphs, draft_vocab)
+        self.batch = Batch(model, max_batch, max_len, drafter, k, graphs)
+        self.jobs: list[Job | None] = [None] * max_batch  # the job in each slot
+        self.queue: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.accepting = True
+        self.stopping = False
+        self.rounds = 0
+        self.thread = threading.Thread(target=self._run, name="sybil-scheduler", daemon=True)
+
+    # ---- called from the HTTP layer's threads
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def running(self) -> int:
+        return sum(j is not None for j in self.jobs)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs, all or none: QueueFull when they do not fit in the free slots and
+        the queue together, ShuttingDown once the server drains."""
+        with self.cond:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down")
+            free = self.max_batch - self.running
+            if self.queued + len(jobs) > self.max_queue + free:
+                raise QueueFull(
+                    f"the server is busy ({self.running} running, {self.queued} queued); retry shortly"
+                )
+            self.queue.extend(jobs)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client went away): it leaves the batch before the next round."""
+        with self.cond:
+            job.cancelled = True
+            self.cond.notify()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Take no new jobs; let those in flight run for up to grace_s, then cancel the
+        rest and end the thread."""
+        with self.cond:
+            self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (self.running or self.queued):
+            time.sleep(0.02)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    # ---- the scheduler thread
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                admit = self._boundary()
+                if admit is None:
+                    return
+                for slot, job in admit:
+                    self._add(slot, job)
+                if self.batch.active:
+                    self._step()
+
+    def _boundary(self) -> list[tuple[int, Job]] | None:
+        """Between rounds: drop cancelled jobs, take queued ones into free slots, or
+        wait for work. None when the thread should end."""
+        with self.cond:
+            while True:
+                if self.stopping:
+                    for job in [*self.queue, *filter(None, self.jobs)]:
+                        job.emit(Event([], finish_reason="cancelled"))
+                    self.queue.clear()
+                    self.jobs = [None] * self.max_batch
+                    return None
+                for slot, job in enumerate(self.jobs):
+                    if job is not None and job.cancelled:
+                        self.batch.remove(slot)
+                        self.jobs[slot] = None
+                        job.emit(Event([], finish_reason="cancelled"))
+                for job in [j for j in self.queue if j.cancelled]:
+                    self.queue.remove(job)
+                    job.emit(Event([], finish_reason="cancelled"))
+                admit = []
+                for slot in self.batch.free_slots():
+                    if not self.queue:
+                        break
+                    job = self.queue.popleft()
+                    self.jobs[slot] = job
+                    admit.append((slot, job))
+                if admit or self.batch.active:
+                    return admit
+                self.cond.wait()
+
+    def _add(self, slot: int, job: Job) -> None:
+        seed = job.seed
+        if seed is None and not job.params.greedy:
+            seed = secrets.randbits(63)
+        try:
+            self.batch.add(slot, Generation(prompt_ids=job.prompt), job.max_tokens, job.params, seed, job.stop_at_eos)
+        except Exception as e:  # a bug, not bad input (the HTTP layer checked it): fail this job only
+            self._fail(slot, job, e)
+
+    def _step(self) -> None:
+        try:
+            results = self.batch.step()
+        except Exception as e:  # a bug: fail the rows in flight, keep serving
+            for slot, job in enumerate(self.jobs):
+                if job is not None:
+                    self.batch.remove(slot)
+                    self._fail(slot, job, e)
+            return
+        self.rounds += 1
+        for c in results:
+            job = self.jobs[c.slot]
+            if job is None:
+                continue
+            job.emit(Event(c.tokens, c.drafted, c.accepted, c.out.finish_reason or None))
+            if c.out.finish_reason:
+                with self.cond:
+                    self.jobs[c.slot] = None
+
+    def _fail(self, slot: int, job: Job, e: Exception) -> None:
+        with self.cond:
+            self.jobs[slot] = None
+        job.emit(Event([], finish_reason="error", error=f"{type(e).__name__}: {e}"))

@@ -1,0 +1,106 @@
+"""python -m sybil.serve: an OpenAI-compatible completions server.
+
+Loads the models, binds the socket (so a taken port is a one-line error, and
+--port 0 picks a free one, printed on stderr), then runs uvicorn until SIGTERM
+or Ctrl-C: it stops accepting, lets requests in flight finish for up to
+--shutdown-grace seconds, cancels the rest, and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+
+import torch
+
+from sybil.cli import OneLineParser, run_cli
+from sybil.errors import SybilError
+from sybil.generate import _k
+from sybil.loader import check_quantize, load_model, resolve_device, resolve_draft_quantize, resolve_dtype
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m sybil.serve", description="Serve GPT-2 over an OpenAI-compatible HTTP API.")
+    p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
+    p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
+    p.add_argument("--k", type=_k, default=4, help="draft window: a positive integer or 'auto' (default 4)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="draft from ids below N only")
+    p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 (CPU)")
+    p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="auto",
+                   help="the draft's weights (auto: int8 on the CPU; the output is the target's either way)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; then 429 (default 64)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="seconds requests in flight may run after SIGTERM (default 5)")
+    return p
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        raise SybilError(f"cannot listen on {host}:{port} ({e}); pick another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from sybil.api import build_app
+    from sybil.scheduler import Scheduler
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise SybilError("--max-batch must be at least 1 and --max-queue at least 0")
+    if args.shutdown_grace < 0:
+        raise SybilError("--shutdown-grace must be >= 0")
+    if not 0 <= args.port <= 65535:
+        raise SybilError(f"--port must be in 0..65535, got {args.port}")
+    sock = _bind(args.host, args.port)  # before loading: a taken port fails fast
+    device = resolve_device(args.device)
+    dtype, _ = resolve_dtype(args.dtype, device)
+    model = load_model(args.model, dtype, device, quantize=args.quantize)
+    draft = args.draft
+    if draft not in (None, "ngram"):
+        draft_q = resolve_draft_quantize(args.draft_quantize, device)
+        same = draft == args.model and draft_q == check_quantize(args.quantize, device)
+        draft = model if same else load_model(draft, dtype, device, quantize=draft_q)
+    scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab)
+    served = args.served_model_name or args.model
+    app = build_app(scheduler, served, args.shutdown_grace)
+
+    logging.basicConfig(level=logging.INFO, format="sybil: %(message)s", stream=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
+    what += f", draft {args.draft} k={args.k})" if args.draft else ")"
+    print(f"sybil: serving {what} on http://{host}:{port}/v1 "
+          f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=args.shutdown_grace, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM/SIGINT itself and, once shut down, re-raises the
+    # signal to the handler it found: leave it a no-op so that a clean shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    print("sybil: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
