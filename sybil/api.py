@@ -16,13 +16,13 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sybil.errors import SybilError
@@ -41,33 +41,48 @@ DISCONNECT_POLL_S = 0.25
 
 # ---- request and response schemas (what /openapi.json publishes)
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
+
+
+def _json_integer(v: Any) -> Any:
+    """An integer as JSON Schema has it (3 or 3.0), never a boolean or a string."""
+    if isinstance(v, (bool, str)):
+        raise ValueError("Input should be a valid integer")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_json_integer)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(BaseModel):
-    """OpenAI's completion request, with vLLM's top_k, ignore_eos and return_token_ids."""
+    """OpenAI's completion request, with vLLM's top_k, ignore_eos and return_token_ids.
+    Types as JSON Schema reads them: false is not token 0, and "1.5" is not a number."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="the served model name (default: the one served)")
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, description="null: up to the context")
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=-1, description="-1, 0 or null: no top-k")
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: Int | None = Field(16, ge=1, description="null: up to the context")
+    temperature: Float = Field(1.0, ge=0)
+    top_p: Float = Field(1.0, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=-1, description="-1, 0 or null: no top-k")
+    seed: Int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    return_token_ids: bool = False
-    n: int = Field(1, ge=1)
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    presence_penalty: float = Field(0.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    ignore_eos: Bool = False
+    return_token_ids: Bool = False
+    n: Int = Field(1, ge=1)
+    logprobs: Int | None = None
+    echo: Bool = False
+    best_of: Int | None = None
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
+    logit_bias: dict[str, Float] | None = None
     suffix: str | None = None
     user: str | None = None
 
@@ -166,7 +181,7 @@ def plan(req: CompletionRequest, served: str, context: int, vocab: int) -> Plan:
         ("best_of", req.best_of not in (None, 1), "best_of is not supported"),
         ("logprobs", req.logprobs is not None, "logprobs are not supported"),
         ("echo", req.echo, "echo is not supported"),
-        ("suffix", req.suffix is not None, "suffix is not supported"),
+        ("suffix", bool(req.suffix), "suffix is not supported"),
         ("presence_penalty", req.presence_penalty != 0, "presence_penalty is not supported"),
         ("frequency_penalty", req.frequency_penalty != 0, "frequency_penalty is not supported"),
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),

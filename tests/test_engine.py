@@ -293,3 +293,58 @@ def test_bad_draft_vocab_is_an_error(spec, draft_vocab, message):
         sybil.generate(target, prompts[0], 4, draft=drafts["self"], draft_vocab=draft_vocab)
     with pytest.raises(SybilError, match="model draft"):
         sybil.generate(target, prompts[0], 4, draft="ngram", draft_vocab=100)
+
+
+@pytest.mark.parametrize("draft_name", [None, "noisy", "ngram"])
+def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name):
+    """Batch is the round loop the server drives: rows added to free slots between
+    steps, with their own sampling and seeds, give exactly their solo output
+    (list equality: the CPU kernels compute rows independently)."""
+    from sybil.engine import Batch, Generation, _make_drafter
+
+    _, target, drafts, prompts, _ = spec
+    draft = drafts.get(draft_name, draft_name)
+    jobs = [  # (prompt, max_new, sampling, seed), more than the 3 slots
+        (prompts[i], 6 + 3 * i, SamplingParams(0.9, top_k=50) if i % 2 else SamplingParams(), 100 + i)
+        for i in range(7)
+    ]
+    drafter = _make_drafter(draft, target, SamplingParams(), 128, 3, False)
+    batch = Batch(target, 3, 128, drafter, k=3)
+    outs, waiting, steps = {}, list(range(len(jobs))), 0
+    slot_job = {}
+    while waiting or batch.active:
+        for slot in batch.free_slots()[: 1 if steps % 2 else 2]:  # join at staggered boundaries
+            if waiting:
+                i = waiting.pop(0)
+                p, m, sp, seed = jobs[i]
+                outs[i] = Generation(prompt_ids=p)
+                slot_job[slot] = i
+                batch.add(slot, outs[i], m, sp, seed, stop_at_eos=False)
+        batch.step()
+        steps += 1
+    for i, (p, m, sp, seed) in enumerate(jobs):
+        solo = sybil.generate(target, p, m, temperature=sp.temperature, top_k=sp.top_k, seed=seed,
+                              draft=draft, k=3, stop_at_eos=False)
+        assert outs[i].tokens == solo.tokens, f"job {i}"
+    assert len(set(slot_job)) == 3  # every slot was reused
+
+
+def test_a_removed_row_frees_its_slot_and_leaves_the_others_alone(spec):
+    from sybil.engine import Batch, Generation
+
+    _, target, _, prompts, plain = spec
+    batch = Batch(target, 2, 128)
+    a, b = Generation(prompt_ids=prompts[0]), Generation(prompt_ids=prompts[1])
+    batch.add(0, a, NEW, SamplingParams(), None, stop_at_eos=False)
+    batch.add(1, b, NEW, SamplingParams(), None, stop_at_eos=False)
+    batch.step()
+    batch.remove(0)
+    assert batch.free_slots() == [0]
+    c = Generation(prompt_ids=prompts[2])
+    batch.add(0, c, NEW, SamplingParams(), None, stop_at_eos=False)
+    while batch.active:
+        batch.step()
+    assert b.tokens == plain[1] and c.tokens == plain[2]
+    batch.add(1, Generation(prompt_ids=prompts[3]), 1, SamplingParams(), None)
+    with pytest.raises(ValueError, match="busy"):
+        batch.add(1, Generation(prompt_ids=prompts[4]), 1, SamplingParams(), None)

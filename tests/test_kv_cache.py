@@ -85,3 +85,19 @@ def test_writing_past_the_cache_is_an_error(model):
     cache = KVCache.for_model(model.config, 1, 8)
     with pytest.raises(ValueError, match="past the cache"):
         model(_seq(9), cache)
+
+
+def test_a_row_view_shares_the_buffers_and_has_its_own_pointer(model):
+    cache = KVCache.for_model(model.config, 3, 16)
+    cache.advance([4, 5, 6])
+    row = cache.row(1)
+    assert row.batch == 1 and row.lengths.tolist() == [5]
+    assert row.k.data_ptr() == cache.k[:, 1].data_ptr()  # a view, not a copy
+    row.k[:, 0, :, 5] = 7.0
+    assert (cache.k[:, 1, :, 5] == 7.0).all() and (cache.k[:, [0, 2], :, 5] == 0).all()
+    row.advance([2])
+    assert cache.lengths.tolist() == [4, 5, 6]  # the parent's pointer moves only by set_length
+    cache.set_length(1, 0)
+    assert cache.lengths.tolist() == [4, 0, 6]
+    with pytest.raises(ValueError):
+        cache.set_length(0, 17)

@@ -41,3 +41,22 @@ def test_padding_never_lands_on_a_real_entry(model):
     forward_rows(model, cache, [[1] * 7, [2]])
     with pytest.raises(ValueError, match="scratch"):
         forward_rows(model, cache, [[3], [4, 5]])  # row 0 would write slot 7 while padded
+
+
+def test_prefill_row_touches_only_its_row_and_equals_a_batched_prefill(model):
+    from sybil.steps import prefill_row
+
+    rows = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    batched = KVCache.for_model(model.config, 3, 32)
+    forward_rows(model, batched, rows)
+    alone = KVCache.for_model(model.config, 3, 32)
+    forward_rows(model, alone, [[], [8, 9], []])  # row 1 first, then the others one by one
+    before = alone.k[:, 1].clone()
+    prefill_row(model, alone, 0, rows[0])
+    prefill_row(model, alone, 2, rows[2])
+    assert torch.equal(alone.k[:, 1], before)  # row 1 untouched
+    assert alone.lengths.tolist() == [7, 2, 3]
+    for b, row in enumerate(rows):
+        n = len(row)
+        assert torch.equal(alone.k[:, b, :, :n], batched.k[:, b, :, :n])
+        assert torch.equal(alone.v[:, b, :, :n], batched.v[:, b, :, :n])
