@@ -153,6 +153,18 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param)
 
 
+SSE_EVENT = {  # one server-sent event (OpenAPI 3.1 reads an event-stream schema per event)
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {
+        "type": "string",
+        "description": "a CompletionResponse chunk as JSON (choices with the text committed since the last "
+                       "chunk; the last chunk of a choice has its finish_reason), a usage-only chunk when "
+                       "stream_options.include_usage is set, an {\"error\": ...} object if the server ended "
+                       "the stream, and finally [DONE]",
+    }},
+}
+
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (malformed JSON included)"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
@@ -324,7 +336,7 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
         "/v1/completions",
         response_model=CompletionResponse,
         responses={
-            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+            200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                   "description": "A completion, or with stream=true server-sent events"},
             **_ERROR_RESPONSES,
         },

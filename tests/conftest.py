@@ -6,6 +6,7 @@ check that sybil computes exactly what the reference computes on the same weight
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,78 @@ def eos_checkpoint(tmp_path_factory, hf_checkpoint):
     t = load_file(src / "model.safetensors")
     t["transformer.wte.weight"][50256] = 8.0 * t["transformer.wte.weight"][1000]
     out = tmp_path_factory.mktemp("eos")
+    save_file(t, out / "model.safetensors")
+    shutil.copy(src / "config.json", out / "config.json")
+    return out
+
+
+class Server:
+    """A real `python -m sybil.serve` on 127.0.0.1, a free port (--port 0, read
+    back from its first line on stderr), for tests that drive it over HTTP."""
+
+    def __init__(self, tmp: Path, *args: str, timeout_s: float = 300.0) -> None:
+        import subprocess
+        import sys
+        import time
+
+        self.log = tmp / "server.log"
+        self._err = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sybil.serve", "--port", "0", *args],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._err,
+        )
+        deadline = time.monotonic() + timeout_s
+        self.url = None
+        while self.url is None:
+            text = self.log.read_text()
+            found = re.search(r"serving .* on (http://[^/\s]+)/v1", text)
+            self.url = found.group(1) if found else None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {text}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start: {text}")
+            time.sleep(0.1)
+        import httpx
+
+        while True:  # listening is not ready: wait for /health
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the server never became healthy: {self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def noisy_checkpoint(tmp_path_factory, hf_checkpoint):
+    """The 'small' checkpoint with a little noise on every weight: a draft that mostly agrees."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    src = hf_checkpoint("small")
+    t = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    t = {k: (v + 0.02 * torch.randn(v.shape, generator=g)).contiguous() if v.is_floating_point() else v
+         for k, v in t.items()}
+    out = tmp_path_factory.mktemp("noisy")
     save_file(t, out / "model.safetensors")
     shutil.copy(src / "config.json", out / "config.json")
     return out

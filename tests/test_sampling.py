@@ -31,3 +31,9 @@ def test_top_p_keeps_at_least_one_token():
 def test_bad_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+def test_a_top_p_that_underflows_float32_still_keeps_the_top_token():
+    """5e-324 is a valid top_p (> 0) that is 0 in float32: the top token stays (found by schemathesis)."""
+    p = probs_from_logits(torch.tensor([[0.0, 3.0, 1.0]]), SamplingParams(1.0, top_p=5e-324))
+    assert p.tolist() == [[0.0, 1.0, 0.0]]
