@@ -272,8 +272,8 @@ class Choice:
         if self.finish_reason is None and ev.finish_reason is not None:
             pieces.append(self.text.flush())
             self.finish_reason = {"eos": "stop", "length": "length", "context": "length"}.get(ev.finish_reason)
-            if self.finish_reason is None:  # cancelled by the server (shutdown)
-                raise ConnectionAbortedError(ev.finish_reason)
+            if self.finish_reason is None:  # cancelled by the server
+                raise ConnectionAbortedError("the server is shutting down and cancelled this request")
         return "".join(pieces), used
 
 
@@ -409,7 +409,7 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
                     yield "data: [DONE]\n\n"
                 except (ConnectionAbortedError, RuntimeError) as e:
                     # the server cancelled the rows (shutdown) or a bug: end the stream with an error event
-                    err = ErrorBody(message=f"generation ended: {e}", type="server_error")
+                    err = ErrorBody(message=str(e), type="server_error")
                     yield f"data: {json.dumps({'error': err.model_dump()})}\n\n"
                 finally:
                     cancel_all()  # a client that went away frees its slots by the next round
@@ -431,7 +431,7 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
                 texts[i] += text
                 tokens[i] += used
         except ConnectionAbortedError as e:
-            raise ApiError(503, f"the server is shutting down ({e})", "server_error") from None
+            raise ApiError(503, str(e), "server_error") from None
         finally:
             cancel_all()
         out = []

@@ -102,7 +102,7 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping
+        return self.thread.is_alive() and self.accepting
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs, all or none: QueueFull when they do not fit in the free slots and

@@ -12,8 +12,10 @@ import logging
 import signal
 import socket
 import sys
+import threading
 
 import torch
+import uvicorn
 
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
@@ -54,8 +56,23 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but the first SIGTERM or Ctrl-C also starts draining the scheduler:
+    new requests get 503 while those in flight get the grace period."""
+
+    def __init__(self, config: uvicorn.Config, drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.draining = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.draining is None:
+            self.draining = threading.Thread(target=self.drain, name="sybil-drain", daemon=True)
+            self.draining.start()
+        super().handle_exit(sig, frame)
+
+
 def run(args) -> int:
-    import uvicorn
 
     from sybil.api import build_app
     from sybil.scheduler import Scheduler
@@ -85,9 +102,11 @@ def run(args) -> int:
     what += f", draft {args.draft} k={args.k})" if args.draft else ")"
     print(f"sybil: serving {what} on http://{host}:{port}/v1 "
           f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+    # The scheduler keeps the grace period itself (it then cancels the rows, whose
+    # streams end with an error event); uvicorn's own timeout is only a backstop.
     config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=args.shutdown_grace, lifespan="on")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.shutdown_grace + 10, lifespan="on")
+    server = _Server(config, drain=lambda: scheduler.stop(args.shutdown_grace))
     # uvicorn handles SIGTERM/SIGINT itself and, once shut down, re-raises the
     # signal to the handler it found: leave it a no-op so that a clean shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,66 @@
+"""python -m sybil.serve as a process: clean shutdown on SIGTERM, one-line errors."""
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from conftest import REPO, Server
+
+
+def test_sigterm_drains_and_exits_0(tmp_path, hf_checkpoint):
+    srv = Server(tmp_path, "--model", str(hf_checkpoint("small")), "--dtype", "float32", "--shutdown-grace", "0.5")
+    lines, started = [], threading.Event()
+
+    def stream():
+        body = {"prompt": "Hello", "max_tokens": 250, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    srv.proc.send_signal(signal.SIGTERM)  # while the stream is in flight
+    assert srv.proc.wait(30) == 0
+    t.join(30)
+    # 250 tokens take longer than the grace period: the stream ends with an error event saying why
+    assert '"error"' in lines[-1] and "shutting down" in lines[-1]
+    assert 1 < len(lines) < 250
+    log = srv.log.read_text()
+    assert "stopped" in log and "Traceback" not in log
+    srv.stop()
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sybil.serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--k", "seven"], "--k"),
+    (["--port", "70000"], "--port"),
+    (["--quantize", "int4"], "--quantize"),
+    (["--model", "/nonexistent/checkpoint"], "nonexistent"),
+])
+def test_bad_arguments_are_one_line_and_status_2(args, message):
+    r = _serve(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_taken_port_is_a_one_line_error(hf_checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _serve("--model", str(hf_checkpoint("small")), "--port", str(port))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"127.0.0.1:{port}" in r.stderr
