@@ -20,7 +20,9 @@ import uvicorn
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.generate import _k
+from sybil.api import build_app
 from sybil.loader import check_quantize, load_model, resolve_device, resolve_draft_quantize, resolve_dtype
+from sybil.scheduler import Scheduler
 
 
 def build_parser() -> OneLineParser:
@@ -44,7 +46,7 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -73,17 +75,13 @@ class _Server(uvicorn.Server):
 
 
 def run(args) -> int:
-
-    from sybil.api import build_app
-    from sybil.scheduler import Scheduler
-
     if args.max_batch < 1 or args.max_queue < 0:
         raise SybilError("--max-batch must be at least 1 and --max-queue at least 0")
     if args.shutdown_grace < 0:
         raise SybilError("--shutdown-grace must be >= 0")
     if not 0 <= args.port <= 65535:
         raise SybilError(f"--port must be in 0..65535, got {args.port}")
-    sock = _bind(args.host, args.port)  # before loading: a taken port fails fast
+    sock = bind(args.host, args.port)  # before loading: a taken port fails fast
     device = resolve_device(args.device)
     dtype, _ = resolve_dtype(args.dtype, device)
     model = load_model(args.model, dtype, device, quantize=args.quantize)
@@ -94,26 +92,30 @@ def run(args) -> int:
         draft = model if same else load_model(draft, dtype, device, quantize=draft_q)
     scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab)
     served = args.served_model_name or args.model
-    app = build_app(scheduler, served, args.shutdown_grace)
-
-    logging.basicConfig(level=logging.INFO, format="sybil: %(message)s", stream=sys.stderr)
-    host, port = sock.getsockname()[:2]
     what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
     what += f", draft {args.draft} k={args.k})" if args.draft else ")"
+    serve(scheduler, served, sock, args.shutdown_grace, what)
+    return 0
+
+
+def serve(scheduler: Scheduler, served: str, sock: socket.socket, grace_s: float, what: str) -> None:
+    """Run the HTTP server on a bound socket until SIGTERM or Ctrl-C, then drain."""
+    app = build_app(scheduler, served, grace_s)
+    logging.basicConfig(level=logging.INFO, format="sybil: %(message)s", stream=sys.stderr)
+    host, port = sock.getsockname()[:2]
     print(f"sybil: serving {what} on http://{host}:{port}/v1 "
-          f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+          f"(max batch {scheduler.max_batch}, queue {scheduler.max_queue})", file=sys.stderr, flush=True)
     # The scheduler keeps the grace period itself (it then cancels the rows, whose
     # streams end with an error event); uvicorn's own timeout is only a backstop.
     config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=args.shutdown_grace + 10, lifespan="on")
-    server = _Server(config, drain=lambda: scheduler.stop(args.shutdown_grace))
+                            timeout_graceful_shutdown=grace_s + 10, lifespan="on")
+    server = _Server(config, drain=lambda: scheduler.stop(grace_s))
     # uvicorn handles SIGTERM/SIGINT itself and, once shut down, re-raises the
     # signal to the handler it found: leave it a no-op so that a clean shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     print("sybil: stopped", file=sys.stderr, flush=True)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
