@@ -96,7 +96,7 @@ class Decoder:
         sequence left there is stale and never read) and its prompt, all but the
         last token, is prefilled on that slot alone: eager, its shape is one-off."""
         self.seqs[slot], self.params[slot], self.generators[slot] = list(prompt), params, generator
-        self.cache.set_length(slot, 0)
+        self.cache.set_lengths(slot, [0])
         prefill_row(self.model, self.cache, slot, prompt[:-1])
         if self.drafter is not None:
             self.drafter.rewind([0 if b == slot else len(s) for b, s in enumerate(self.seqs)])
@@ -150,7 +150,7 @@ def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
     return ids
 
 
-def _make_drafter(
+def make_drafter(
     draft: GPT | str | Drafter | None,
     target: GPT,
     params: SamplingParams,
@@ -159,6 +159,8 @@ def _make_drafter(
     graphs: bool,
     draft_vocab: int | None = None,
 ) -> Drafter | None:
+    """The drafter for a draft given as a model, "ngram" or a drafter object, checked
+    against the target; its cache has `batch` rows of max_len positions."""
     if draft is None:
         return None
     if draft_vocab is not None and not isinstance(draft, GPT):
@@ -267,8 +269,9 @@ def generate(
         return outs if batched else outs[0]
 
     start = time.perf_counter()
-    max_len = cache_len(model, [len(outs[i].prompt_ids) + max_new[i] for i in live])
-    drafter = _make_drafter(draft, model, params, max_len, len(live), graphs, draft_vocab)
+    # cache positions the longest row can need (prompt and output), within the context
+    max_len = min(model.config.n_positions, max(len(outs[i].prompt_ids) + max_new[i] for i in live))
+    drafter = make_drafter(draft, model, params, max_len, len(live), graphs, draft_vocab)
     batch = Batch(model, len(live), max_len, drafter, k, graphs)
     for slot, i in enumerate(live):
         batch.add(slot, outs[i], max_new[i], params, seeds[i], stop_at_eos)
@@ -282,11 +285,6 @@ def generate(
     for i in live:
         outs[i].stats.update(batch_size=len(live), capture_s=capture_s, batch_tokens_per_s=all_tokens / total)
     return outs if batched else outs[0]
-
-
-def cache_len(model: GPT, lengths: list[int]) -> int:
-    """Cache positions the longest row can need (prompt and output), within the context."""
-    return min(model.config.n_positions, max(lengths))
 
 
 @dataclass

@@ -76,23 +76,23 @@ class KVCache:
         """Keys and values [B, H, span, D] of one layer: a view, never a copy."""
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
 
-    def row(self, b: int) -> "KVCache":
-        """Row b alone, as a cache of batch 1 that shares this cache's buffers (a
-        view, no copy) with its own copy of the pointer: a long prefill of one row
-        then costs that row only, not the whole batch padded to its length.
-        Copy the pointer back with set_length when done."""
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """Rows lo..hi-1 as a cache of their own that shares this cache's buffers (a
+        view, no copy) with its own copy of the pointers: a forward over some rows
+        then costs those rows only. Copy the pointers back with set_lengths."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, b : b + 1], self.v[:, b : b + 1]  # [L, 1, H, S, D]
-        view.lengths = self.lengths[b : b + 1].clone()
+        view.k, view.v = self.k[:, lo:hi], self.v[:, lo:hi]  # [L, hi - lo, H, S, D]
+        view.lengths = self.lengths[lo:hi].clone()
         return view
 
-    def set_length(self, b: int, n: int) -> None:
-        """Point row b at n valid entries (a row restarted for a new sequence gets 0)."""
-        if not 0 <= n <= self.max_len:
-            raise ValueError(f"row length {n} must be in 0..{self.max_len}")
-        lengths = self.lengths.clone()
-        lengths[b] = n
-        self.lengths = lengths
+    def set_lengths(self, lo: int, lengths: torch.Tensor | list[int]) -> None:
+        """Point rows lo, lo+1, ... at lengths (a row restarted for a new sequence gets 0)."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if (lengths < 0).any() or (lengths > self.max_len).any():
+            raise ValueError(f"row lengths {lengths.tolist()} must be in 0..{self.max_len}")
+        new = self.lengths.clone()
+        new[lo : lo + len(lengths)] = lengths
+        self.lengths = new
 
     def advance(self, counts: torch.Tensor | list[int]) -> None:
         """Move each row's pointer past the counts[b] tokens just written for it."""

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from sybil.drafters import Drafter
-from sybil.engine import Batch, Generation, _make_drafter
+from sybil.engine import Batch, Generation, make_drafter
 from sybil.errors import SybilError
 from sybil.model import GPT
 from sybil.sampling import SamplingParams
@@ -78,7 +78,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         max_len = model.config.n_positions
         graphs = model.device.type == "cuda"
-        drafter = _make_drafter(draft, model, SamplingParams(), max_len, max_batch, graphs, draft_vocab)
+        drafter = make_drafter(draft, model, SamplingParams(), max_len, max_batch, graphs, draft_vocab)
         self.batch = Batch(model, max_batch, max_len, drafter, k, graphs)
         self.jobs: list[Job | None] = [None] * max_batch  # the job in each slot
         self.queue: deque[Job] = deque()

@@ -30,6 +30,17 @@ def forward_rows(
     t = max(len(r) for r in rows)
     if t == 0:
         return None
+    live = [b for b, r in enumerate(rows) if r]
+    lo, hi = live[0], live[-1] + 1
+    if graphs is None and hi - lo < len(rows):
+        # Idle rows at either end (free server slots) stay out of the forward: a padded
+        # query costs as much as a real one. Their logits rows are left unset.
+        view = cache.rows(lo, hi)
+        part = forward_rows(model, view, rows[lo:hi], None, vocab)
+        cache.set_lengths(lo, view.lengths)
+        logits = part.new_empty((len(rows), *part.shape[1:]))
+        logits[lo:hi] = part
+        return logits
     scratch = cache.max_len - 1
     lengths = cache.lengths
     counts = torch.tensor([len(r) for r in rows])
@@ -53,15 +64,13 @@ def forward_rows(
 
 def prefill_row(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
     """Write tokens into one row's cache at its pointer, computing no logits. The
-    forward runs on that row alone (KVCache.row), so other rows neither pay for
-    its length nor change; its entries are bitwise those of any other split of
+    forward runs on that row alone (forward_rows leaves idle rows out), so other
+    rows neither pay for its length nor change; its entries are bitwise those of any other split of
     the same tokens on the CPU, where every kernel computes rows and queries
     independently."""
     if not tokens:
         return
-    view = cache.row(row)
-    forward_rows(model, view, [tokens], vocab=0)
-    cache.set_length(row, int(view.lengths[0]))
+    forward_rows(model, cache, [tokens if b == row else [] for b in range(cache.batch)], vocab=0)
 
 
 def last_logits(logits: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:

@@ -300,7 +300,7 @@ def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name):
     """Batch is the round loop the server drives: rows added to free slots between
     steps, with their own sampling and seeds, give exactly their solo output
     (list equality: the CPU kernels compute rows independently)."""
-    from sybil.engine import Batch, Generation, _make_drafter
+    from sybil.engine import Batch, Generation, make_drafter
 
     _, target, drafts, prompts, _ = spec
     draft = drafts.get(draft_name, draft_name)
@@ -308,7 +308,7 @@ def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name):
         (prompts[i], 6 + 3 * i, SamplingParams(0.9, top_k=50) if i % 2 else SamplingParams(), 100 + i)
         for i in range(7)
     ]
-    drafter = _make_drafter(draft, target, SamplingParams(), 128, 3, False)
+    drafter = make_drafter(draft, target, SamplingParams(), 128, 3, False)
     batch = Batch(target, 3, 128, drafter, k=3)
     outs, waiting, steps = {}, list(range(len(jobs))), 0
     slot_job = {}

@@ -87,17 +87,19 @@ def test_writing_past_the_cache_is_an_error(model):
         model(_seq(9), cache)
 
 
-def test_a_row_view_shares_the_buffers_and_has_its_own_pointer(model):
+def test_a_row_view_shares_the_buffers_and_has_its_own_pointers(model):
     cache = KVCache.for_model(model.config, 3, 16)
     cache.advance([4, 5, 6])
-    row = cache.row(1)
-    assert row.batch == 1 and row.lengths.tolist() == [5]
-    assert row.k.data_ptr() == cache.k[:, 1].data_ptr()  # a view, not a copy
-    row.k[:, 0, :, 5] = 7.0
+    rows = cache.rows(1, 3)
+    assert rows.batch == 2 and rows.lengths.tolist() == [5, 6]
+    assert rows.k.data_ptr() == cache.k[:, 1].data_ptr()  # a view, not a copy
+    rows.k[:, 0, :, 5] = 7.0
     assert (cache.k[:, 1, :, 5] == 7.0).all() and (cache.k[:, [0, 2], :, 5] == 0).all()
-    row.advance([2])
-    assert cache.lengths.tolist() == [4, 5, 6]  # the parent's pointer moves only by set_length
-    cache.set_length(1, 0)
-    assert cache.lengths.tolist() == [4, 0, 6]
+    rows.advance([2, 1])
+    assert cache.lengths.tolist() == [4, 5, 6]  # the parent's pointers move only by set_lengths
+    cache.set_lengths(1, rows.lengths)
+    assert cache.lengths.tolist() == [4, 7, 7]
+    cache.set_lengths(0, [0])
+    assert cache.lengths.tolist() == [0, 7, 7]
     with pytest.raises(ValueError):
-        cache.set_length(0, 17)
+        cache.set_lengths(0, [17])

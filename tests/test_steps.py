@@ -54,9 +54,22 @@ def test_prefill_row_touches_only_its_row_and_equals_a_batched_prefill(model):
     before = alone.k[:, 1].clone()
     prefill_row(model, alone, 0, rows[0])
     prefill_row(model, alone, 2, rows[2])
-    assert torch.equal(alone.k[:, 1], before)  # row 1 untouched
+    assert torch.equal(alone.k[:, 1], before)  # row 1 untouched (not even its scratch slot)
     assert alone.lengths.tolist() == [7, 2, 3]
     for b, row in enumerate(rows):
         n = len(row)
         assert torch.equal(alone.k[:, b, :, :n], batched.k[:, b, :, :n])
         assert torch.equal(alone.v[:, b, :, :n], batched.v[:, b, :, :n])
+
+
+def test_idle_rows_at_the_ends_are_left_out_and_the_rest_is_unchanged(model):
+    """A free slot feeds nothing: its cache (scratch slot included) is not written, and
+    the live rows' logits are bitwise those of a forward over every row."""
+    rows = [[], [4, 5], [6], []]
+    full = KVCache.for_model(model.config, 4, 32)
+    part = KVCache.for_model(model.config, 4, 32)
+    want = forward_rows(model, full, [[1], [4, 5], [6], [2]])
+    got = forward_rows(model, part, rows)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2, :1], want[2, :1])
+    assert part.lengths.tolist() == [0, 2, 1, 0]
+    assert not part.k[:, [0, 3]].any()  # nothing written to the idle rows, not even padding
