@@ -1,0 +1,60 @@
+"""python -m bench.serve on tiny random models: a complete record, tokens that add up,
+simulated rows marked as such, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.serve import percentile
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint):
+    cfg = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256)
+    return hf_checkpoint("bench-target", seed=0, **cfg), hf_checkpoint("bench-draft", seed=1, **{**cfg, "n_layer": 1})
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_small_run_reports_every_level_with_and_without_the_draft(tiny, tmp_path):
+    target, draft = tiny
+    out = tmp_path / "serve.json"
+    r = _bench("--target", str(target), "--draft", str(draft), "--concurrency", "1,3", "--max-tokens", "6",
+               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    assert [(row["concurrency"], "SIMULATED" in row["draft"]) for row in rows] == [
+        (1, False), (3, False), (1, True), (3, True)]
+    for row in rows:
+        assert row["requests"] == 2 * row["concurrency"]
+        assert row["tokens"] == 6 * row["requests"]  # greedy, <|endoftext|> ignored: every request runs to max_tokens
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
+        assert row["ttft_ms_p50"] <= row["ttft_ms_p99"] and row["itl_ms_p50"] <= row["itl_ms_p99"]
+        assert (row["acceptance"] is None) == ("SIMULATED" not in row["draft"])
+    assert rows[1]["vs_concurrency_1"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert sum("SIMULATED" in line for line in table) == 2  # the table marks the simulated rows too
+    assert "simulated" in rec["note"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "1,x"], "--concurrency"),
+    (["--concurrency", "0"], "at least 1"),
+    (["--simulate-acceptance", "1.5"], "between 0 and 1"),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    r = _bench(*args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(map(float, range(101))), 99) == 99.0
