@@ -18,7 +18,7 @@ import torch
 from sybil import engine
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
-from sybil.loader import check_quantize, load_model, resolve_device, resolve_draft_quantize, resolve_dtype
+from sybil.loader import load_draft, load_model, resolve_device, resolve_dtype
 from sybil.tokenizer import EOT_ID, StreamDecoder, decode, encode
 
 
@@ -136,11 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "auto":
         print(f"sybil: dtype {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
     model = load_model(args.model, dtype, device, quantize=args.quantize)
-    draft = args.draft
-    if draft not in (None, "ngram"):
-        draft_q = resolve_draft_quantize(args.draft_quantize, device)
-        same = draft == args.model and draft_q == check_quantize(args.quantize, device)
-        draft = model if same else load_model(draft, dtype, device, quantize=draft_q)
+    draft = load_draft(args.draft, model, args.model, args.quantize, args.draft_quantize)
 
     # One prompt streams its text as tokens are committed; a batch prints each
     # result whole, in input order, once all are done.

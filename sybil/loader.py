@@ -229,3 +229,19 @@ def load_model(
     dt, _ = resolve_dtype(dtype, dev)
     check_quantize(quantize, dev)  # before any download: a bad value fails at once
     return load_checkpoint(resolve_checkpoint(str(name_or_path), weights_dir, download), dt, dev, quantize)
+
+
+def load_draft(
+    draft: str | None, target: GPT, target_name: str, quantize: str, draft_quantize: str
+) -> GPT | str | None:
+    """The command lines' --draft: None, "ngram", or a model in the target's dtype and
+    device, with draft_quantize resolved ("auto": int8 on the CPU); the target itself
+    when it names the same checkpoint at the same precision (one copy, two roles)."""
+    if draft in (None, "ngram"):
+        return draft
+    device = target.device
+    draft_q = resolve_draft_quantize(draft_quantize, device)
+    if draft == target_name and draft_q == check_quantize(quantize, device):
+        return target
+    return load_model(draft, target.dtype, device, quantize=draft_q)
+

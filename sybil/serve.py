@@ -21,7 +21,7 @@ from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.generate import _k
 from sybil.api import build_app
-from sybil.loader import check_quantize, load_model, resolve_device, resolve_draft_quantize, resolve_dtype
+from sybil.loader import load_draft, load_model, resolve_device, resolve_dtype
 from sybil.scheduler import Scheduler
 
 
@@ -85,11 +85,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype, _ = resolve_dtype(args.dtype, device)
     model = load_model(args.model, dtype, device, quantize=args.quantize)
-    draft = args.draft
-    if draft not in (None, "ngram"):
-        draft_q = resolve_draft_quantize(args.draft_quantize, device)
-        same = draft == args.model and draft_q == check_quantize(args.quantize, device)
-        draft = model if same else load_model(draft, dtype, device, quantize=draft_q)
+    draft = load_draft(args.draft, model, args.model, args.quantize, args.draft_quantize)
     scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab)
     served = args.served_model_name or args.model
     what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
