@@ -183,41 +183,84 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   return y.view(shape).to(x.scalar_type());
 }
 
+// The score of one key: lanes summed over d in order, one horizontal sum, then the
+// scalar tail. Every key is computed this way, alone or four at a time.
+template <typename T>
+inline float key_dot(const T* kj, const float* q, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(kj + d), _mm256_loadu_ps(q + d), acc);
+  float s = hsum(acc);
+  for (; d < D; ++d) s += scalar(kj[d]) * q[d];
+  return s;
+}
+
+// Sum over j of scores[j] * v[j, d0 .. d0 + 8 NV) in key order, times inv: NV
+// independent accumulators, so the adds of one lane keep their order while the
+// core overlaps the lanes' latencies.
+template <int NV, typename T>
+inline void weighted_sum(const float* scores, const T* vc, int64_t p, int64_t D, int64_t d0, float inv, float* out) {
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t j = 0; j <= p; ++j) {
+    const __m256 s = _mm256_set1_ps(scores[j]);
+    const T* vj = vc + j * D + d0;
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(s, load8(vj + 8 * v), acc[v]);
+  }
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + d0 + 8 * v, _mm256_mul_ps(acc[v], iv));
+}
+
 // One query against keys 0..p of its row and head: scores in float32 with the
 // fixed dot order above, softmax, then the weighted sum of values in key order.
+// The order of every sum is fixed by the query alone, never by how many queries
+// share the forward.
 template <typename T>
 void attend_one(const float* q, const T* kc, const T* vc, int64_t p, int64_t D, float scale, float* scores,
                 float* out) {
   float mx = -INFINITY;
-  for (int64_t j = 0; j <= p; ++j) {
-    const T* kj = kc + j * D;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(load8(kj + d), _mm256_loadu_ps(q + d), acc);
-    float s = hsum(acc);
-    for (; d < D; ++d) s += scalar(kj[d]) * q[d];
-    s *= scale;
-    scores[j] = s;
-    mx = std::max(mx, s);
+  int64_t j = 0;
+  if (D % 8 == 0) {
+    for (; j + 4 <= p + 1; j += 4) {  // four keys at once: four independent chains
+      const T *k0 = kc + j * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(load8(k0 + d), qv, a0);
+        a1 = _mm256_fmadd_ps(load8(k1 + d), qv, a1);
+        a2 = _mm256_fmadd_ps(load8(k2 + d), qv, a2);
+        a3 = _mm256_fmadd_ps(load8(k3 + d), qv, a3);
+      }
+      scores[j] = hsum(a0) * scale;
+      scores[j + 1] = hsum(a1) * scale;
+      scores[j + 2] = hsum(a2) * scale;
+      scores[j + 3] = hsum(a3) * scale;
+    }
   }
+  for (; j <= p; ++j) scores[j] = key_dot(kc + j * D, q, D) * scale;
+  for (int64_t i = 0; i <= p; ++i) mx = std::max(mx, scores[i]);
   float sum = 0.f;
-  for (int64_t j = 0; j <= p; ++j) {
-    scores[j] = std::exp(scores[j] - mx);
-    sum += scores[j];
+  for (int64_t i = 0; i <= p; ++i) {
+    scores[i] = std::exp(scores[i] - mx);
+    sum += scores[i];
   }
   const float inv = 1.f / sum;
-  for (int64_t d0 = 0; d0 < D; d0 += 8) {
-    if (d0 + 8 <= D) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t j = 0; j <= p; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(vc + j * D + d0), acc);
-      _mm256_storeu_ps(out + d0, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-    } else {
-      for (int64_t d = d0; d < D; ++d) {
-        float a = 0.f;
-        for (int64_t j = 0; j <= p; ++j) a += scores[j] * scalar(vc[j * D + d]);
-        out[d] = a * inv;
-      }
-    }
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weighted_sum<8>(scores, vc, p, D, d0, inv, out);
+  switch ((D - d0) / 8) {
+    case 7: weighted_sum<7>(scores, vc, p, D, d0, inv, out); break;
+    case 6: weighted_sum<6>(scores, vc, p, D, d0, inv, out); break;
+    case 5: weighted_sum<5>(scores, vc, p, D, d0, inv, out); break;
+    case 4: weighted_sum<4>(scores, vc, p, D, d0, inv, out); break;
+    case 3: weighted_sum<3>(scores, vc, p, D, d0, inv, out); break;
+    case 2: weighted_sum<2>(scores, vc, p, D, d0, inv, out); break;
+    case 1: weighted_sum<1>(scores, vc, p, D, d0, inv, out); break;
+    default: break;
+  }
+  for (int64_t d = d0 + (D - d0) / 8 * 8; d < D; ++d) {
+    float a = 0.f;
+    for (int64_t i = 0; i <= p; ++i) a += scores[i] * scalar(vc[i * D + d]);
+    out[d] = a * inv;
   }
 }
 
