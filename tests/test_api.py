@@ -84,8 +84,12 @@ def test_models_health_and_a_greedy_completion(client, server, local):
 
 def test_a_stream_equals_the_solo_run(client, local):
     chunks = list(client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=30, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True, "return_token_ids": True}))
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True, "return_token_ids": True}))
     text, tokens, _ = solo(local, encode(PROMPTS[1]), 30, temperature=0, ignore_eos=True)
+    usage = chunks.pop()  # with include_usage, a last chunk carries usage and no choices
+    assert usage.choices == [] and usage.usage.completion_tokens == 30
+    assert usage.usage.prompt_tokens == len(encode(PROMPTS[1]))
     assert "".join(c.choices[0].text for c in chunks) == text
     assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == tokens
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
