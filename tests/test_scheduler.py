@@ -122,3 +122,19 @@ def test_stop_cancels_what_is_left_and_refuses_new_jobs(models):
     with pytest.raises(ShuttingDown):
         s.submit([_job([1], 1)[0]])
     assert not s.thread.is_alive()
+
+
+def test_auto_k_in_a_running_batch_keeps_greedy_output_exact(models):
+    """With k="auto" the window follows timing and the batch, but greedy output never
+    depends on it: every job equals the target's plain greedy run."""
+    target, noisy = models
+    s = Scheduler(target, noisy, k="auto", max_batch=3, max_queue=8)
+    s.start()
+    prompts = _prompts(7, seed=1)
+    jobs = [_job(p, 6 + 4 * i) for i, p in enumerate(prompts)]
+    s.submit([j for j, _ in jobs])
+    for _, sink in jobs:
+        assert sink.done.wait(60)
+    s.stop()
+    for i, (p, (_, sink)) in enumerate(zip(prompts, jobs)):
+        assert sink.tokens == sybil.generate(target, p, 6 + 4 * i, stop_at_eos=False).tokens
