@@ -117,6 +117,11 @@ def run_level(url: str, prompts: list[list[int]], concurrency: int, requests_per
     }
 
 
+def _drain(stream) -> None:
+    for _ in stream:
+        pass
+
+
 def start_worker(args, with_draft: bool) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "bench.serve", "--worker", "--target", args.target, "--weights", args.weights,
            "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens),
@@ -128,7 +133,7 @@ def start_worker(args, with_draft: bool) -> tuple[subprocess.Popen, str]:
         lines.append(line)
         found = re.search(r"serving .* on (http://[^/\s]+)/v1", line)
         if found:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
+            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()  # its log, unread
             return proc, found.group(1)
     raise SybilError("the benchmark server did not start: " + "".join(lines[-5:]).strip())
 

@@ -167,8 +167,9 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDown as e:
             raise ApiError(503, str(e), "server_error") from None
-        metrics.prompt_tokens.inc(sum(map(len, p.prompts)))
-        request.state.prompt_tokens = sum(map(len, p.prompts))
+        n_prompt = sum(map(len, p.prompts))
+        metrics.prompt_tokens.inc(n_prompt)
+        request.state.prompt_tokens = n_prompt
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = dict(id=rid, object="text_completion", created=int(time.time()), model=served)
 
@@ -180,7 +181,6 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
         def usage() -> dict:
             done = sum(len(c.tokens) for c in choices)
             request.state.completion_tokens = done
-            n_prompt = sum(map(len, p.prompts))
             return Usage(prompt_tokens=n_prompt, completion_tokens=done, total_tokens=n_prompt + done).model_dump()
 
         def choice_json(c: Choice, text: str, used: list[int], first: bool) -> dict:
@@ -219,8 +219,7 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        texts = [""] * len(choices)
-        tokens: list[list[int]] = [[] for _ in choices]
+        texts = [""] * len(choices)  # each choice's tokens are in Choice.tokens
         try:
             while any(c.finish_reason is None for c in choices):
                 try:
@@ -229,19 +228,12 @@ def build_app(scheduler: Scheduler, served: str, shutdown_grace_s: float = 5.0) 
                     if await request.is_disconnected():
                         return Response(status_code=499)
                     continue
-                text, used = choices[i].take(ev, metrics, scheduler)
-                texts[i] += text
-                tokens[i] += used
+                texts[i] += choices[i].take(ev, metrics, scheduler)[0]
         except ConnectionAbortedError as e:
             raise ApiError(503, str(e), "server_error") from None
         finally:
             cancel_all()
-        out = []
-        for c in choices:
-            d = choice_json(c, texts[c.index], tokens[c.index], True)
-            if not req.return_token_ids:
-                d.pop("token_ids", None)
-            out.append(d)
+        out = [choice_json(c, texts[c.index], c.tokens, True) for c in choices]
         return JSONResponse({**head, "choices": out, "usage": usage()})
 
     def openapi() -> dict:

@@ -65,9 +65,9 @@ def forward_rows(
 def prefill_row(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
     """Write tokens into one row's cache at its pointer, computing no logits. The
     forward runs on that row alone (forward_rows leaves idle rows out), so other
-    rows neither pay for its length nor change; its entries are bitwise those of any other split of
-    the same tokens on the CPU, where every kernel computes rows and queries
-    independently."""
+    rows neither pay for its length nor change. On the CPU, where every kernel
+    computes rows and queries independently, its entries are bitwise those of
+    any other split of the same tokens."""
     if not tokens:
         return
     forward_rows(model, cache, [tokens if b == row else [] for b in range(cache.batch)], vocab=0)
