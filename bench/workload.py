@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import sybil
+from sybil import memory
 from sybil.config import PRESETS, GPTConfig
 from sybil.drafters import ModelDrafter
 from sybil.errors import SybilError
@@ -43,7 +44,9 @@ def random_model(name_or_path: str, seed: int, dtype: torch.dtype, device: torch
                 p.copy_(torch.ones_like(p) if "ln" in name and name.endswith("weight") else torch.zeros_like(p))
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    memory.rehome_module(model)  # as sybil.load_model does: the weights in 2 MiB pages
+    return model
 
 
 def real_model(name_or_path: str, dtype: torch.dtype, device: torch.device) -> GPT:

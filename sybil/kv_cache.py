@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from sybil import memory
 from sybil.config import GPTConfig
 
 
@@ -28,8 +29,11 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":  # in 2 MiB pages where the kernel offers them
+            self.k, self.v = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         # Kept on the CPU: the engine reads it every step to decide spans and
         # positions, and a device tensor would force a host sync each time.
         self.lengths = torch.zeros(batch, dtype=torch.long)

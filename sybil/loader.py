@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from sybil.config import PRESETS, GPTConfig
+from sybil import memory
 from sybil.errors import SybilError
 from sybil.model import GPT
 
@@ -181,9 +182,12 @@ def load_checkpoint(
         if "lm_head.weight" in keys and not torch.equal(f.get_tensor(keys["lm_head.weight"]).to(dtype), state["wte.weight"]):
             raise SybilError("lm_head.weight differs from wte.weight: untied GPT-2 heads are not supported")
     model.load_state_dict(state, strict=False, assign=True)
+    del state  # the model holds the only references now, so each rehomed tensor frees its old copy
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter; re-tie
     if quantize == "int8":
-        model.quantize_int8()
+        model.quantize_int8()  # its int8 weights are made in 2 MiB pages
+    elif torch.device(device).type == "cpu":
+        memory.rehome_module(model)  # weights in 2 MiB pages: sybil.memory says why
     return model.to(device).eval()
 
 

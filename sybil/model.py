@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sybil import matmul
+from sybil import matmul, memory
 from sybil.config import GPTConfig
 from sybil.kv_cache import KVCache
 
@@ -41,7 +41,10 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
         q, scale = matmul.quantize_int8(weight)
-        return cls(matmul.pack_int8(q), scale, None if bias is None else bias.detach())
+        packed = matmul.pack_int8(q)
+        if packed.device.type == "cpu":
+            packed = memory.rehome(packed)  # in 2 MiB pages: sybil.memory says why
+        return cls(packed, scale, None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.linear_int8(x, self.packed, self.scale, self.bias)

@@ -1,0 +1,97 @@
+"""Weights and KV caches in 2 MiB pages (Linux transparent huge pages), on the CPU.
+
+Why: a decode step streams every weight from memory once. With 4 KiB pages that
+stream crosses a page, and misses the TLB, every 4 KiB, and the hardware
+prefetcher stops at each page boundary. Measured on the 2-core AVX2 machine
+(gpt2-medium's 97 linears, one row, the same kernel, alternating in one
+process): 0.90 to 0.94 of the time with the weights in 2 MiB pages, and a plain
+`sum` over 1 GiB read 8% faster. torch's allocator asks for huge pages only
+under THP_MEM_ALLOC_ENABLE=1, which a library cannot set once torch has
+allocated, so the big tensors are copied into anonymous mappings advised with
+MADV_HUGEPAGE. The bits are the same; only where they live changes.
+
+Where the kernel offers no huge pages (THP "never", not Linux), tensors are
+left as they are.
+"""
+
+from __future__ import annotations
+
+import mmap
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+HUGE_PAGE = 2 << 20
+MIN_BYTES = HUGE_PAGE  # smaller tensors would not fill one huge page
+
+
+@lru_cache(maxsize=1)
+def huge_pages_available() -> bool:
+    """Whether anonymous memory advised MADV_HUGEPAGE can get huge pages here."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+def _mapped(nbytes: int) -> torch.Tensor:
+    """A zeroed uint8 tensor of nbytes starting on a 2 MiB boundary of its own private
+    anonymous mapping, advised MADV_HUGEPAGE. The tensor keeps the mapping alive."""
+    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(m, dtype=torch.uint8)  # holds a reference to m
+    start = (-raw.data_ptr()) % HUGE_PAGE
+    return raw[start : start + nbytes]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape, dtype) on the CPU, in huge pages when large enough and available.
+    Pages are only allocated when first touched (a long cache costs what it holds)."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if nbytes < MIN_BYTES or not huge_pages_available():
+        return torch.zeros(shape, dtype=dtype)
+    return _mapped(nbytes).view(dtype).view(shape)
+
+
+def rehome(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a CPU tensor in huge pages, or t itself when it is small,
+    not on the CPU, or huge pages are unavailable."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES or not huge_pages_available():
+        return t
+    out = zeros(tuple(t.shape), t.dtype)
+    out.copy_(t)
+    return out
+
+
+@torch.no_grad()
+def rehome_module(module: nn.Module) -> int:
+    """Move every large CPU parameter and buffer of module into huge pages, one at a time
+    (so the peak is one tensor more, not a second model). Tied parameters stay tied:
+    a parameter object is rehomed once and every module holding it sees the new data.
+    Returns the bytes moved."""
+    moved = 0
+    seen: set[int] = set()
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            data = p.data  # a new tensor object on every access: compare against one
+            new = rehome(data)
+            if new is not data:
+                p.data = new
+                moved += new.numel() * new.element_size()
+        for name, b in list(sub._buffers.items()):
+            if b is None or id(b) in seen:
+                continue
+            seen.add(id(b))
+            new = rehome(b)
+            if new is not b:
+                sub._buffers[name] = new
+                moved += new.numel() * new.element_size()
+    return moved
