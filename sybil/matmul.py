@@ -4,6 +4,7 @@
 |------------------------------------|----------------------------------------|-----|
 | CPU linear, float32/bfloat16/int8  | `torch.ops.sybil.linear` (C++, AVX2)   | on every core, the weights read from memory once per call (each 512-column chunk of 8 output channels is reused from L1 by every 3-row pass), float32 accumulation in a fixed order, so a row's result never depends on how many rows share the call |
 | CPU attention over the cache       | `torch.ops.sybil.attend`               | each query reads keys 0..p of its row in a fixed order: the same bits in a one-token step and inside a verify forward |
+| CPU forward with a cache, all blocks | `torch.ops.sybil.blocks` (one call)  | the same ops as `Block.forward` in the same order (same bits), without a dozen Python and dispatcher round trips per block |
 | CUDA, and `static=True` steps      | torch (`F.linear`, SDPA)               | cuBLAS / flash kernels; CUDA-graph capture |
 | CPU without the kernels (no AVX2, no compiler, `SYBIL_NATIVE=0`) | torch, one row (one query) per call up to 16 rows | still bit-for-bit between step and verify, because every row runs the same one-row kernel; slower |
 
@@ -104,6 +105,18 @@ def linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
     n = scale.shape[0]
     w = unpack_rows(packed, torch.arange(n, device=packed.device)).to(x.dtype) * scale[:, None].to(x.dtype)
     return _rows(lambda r: F.linear(r, w, bias), x) if x.device.type == "cpu" else F.linear(x, w, bias)
+
+
+def blocks(x: torch.Tensor, layers, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor
+           ) -> torch.Tensor | None:
+    """Every block (sybil.model.Block) of a forward over the cache [layers, B, H, L, D]
+    in one C++ call; None where the kernels do not serve x (the caller then runs the
+    blocks one by one)."""
+    if not use_kernels(x):
+        return None
+    first = layers[0]
+    params = [t for block in layers for t in block.kernel_args()]
+    return torch.ops.sybil.blocks(x, k_cache, v_cache, pos, first.attn.n_head, first.ln_1.eps, params)
 
 
 def attend_cached(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, n_head: int

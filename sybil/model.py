@@ -22,6 +22,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.linear(x, self.weight, self.bias)
 
+    def kernel_args(self) -> list[torch.Tensor | None]:
+        """(weight, bias, scale) as torch.ops.sybil.linear takes them."""
+        return [self.weight, self.bias, None]
+
     def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Outputs start..stop-1 only, from a slice of the weight (a view, no copy)."""
         bias = None if self.bias is None else self.bias[start:stop]
@@ -48,6 +52,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul.linear_int8(x, self.packed, self.scale, self.bias)
+
+    def kernel_args(self) -> list[torch.Tensor | None]:
+        """(weight, bias, scale) as torch.ops.sybil.linear takes them."""
+        return [self.packed, self.bias, self.scale]
 
     def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Outputs start..stop-1 only, from whole packed blocks of 8 rows (views, no copy)."""
@@ -125,6 +133,12 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, layer, pos)
         return x + self.mlp(self.ln_2(x))
+
+    def kernel_args(self) -> list[torch.Tensor | None]:
+        """This block's 16 tensors in the order torch.ops.sybil.blocks reads them."""
+        a, m = self.attn, self.mlp
+        return [self.ln_1.weight, self.ln_1.bias, *a.c_attn.kernel_args(), *a.c_proj.kernel_args(),
+                self.ln_2.weight, self.ln_2.bias, *m.c_fc.kernel_args(), *m.c_proj.kernel_args()]
 
 
 class GPT(nn.Module):
@@ -219,8 +233,12 @@ class GPT(nn.Module):
                 cache.lengths = pos[:, -1] + 1
             pos = pos.to(idx.device)
         x = self.wte(idx) + self.wpe(pos)
-        for layer, block in enumerate(self.h):
-            x = block(x, mask, cache, layer, pos)
+        fused = None if cache is None or mask is not None else matmul.blocks(x, self.h, cache.k, cache.v, pos)
+        if fused is not None:
+            x = fused
+        else:
+            for layer, block in enumerate(self.h):
+                x = block(x, mask, cache, layer, pos)
         return x if vocab == 0 else self.head(x, vocab)
 
     def head(self, x: torch.Tensor, vocab: int | None = None) -> torch.Tensor:

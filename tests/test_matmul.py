@@ -125,3 +125,32 @@ def test_cached_attention_query_bits_do_not_depend_on_the_forward(path):
     alone = torch.cat([matmul.attend_cached(qkv[:, t : t + 1], kc2, vc2, torch.tensor([[20 + t]]), H) for t in range(5)], 1)
     assert torch.equal(together, alone)
     assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8")])
+def test_fused_blocks_equal_block_by_block(monkeypatch, dtype, quantize):
+    """torch.ops.sybil.blocks runs the same ops as Block.forward: same logits, same cache
+    entries, bit for bit, for ragged rows at different positions."""
+    if not native.available():
+        pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    from sybil.config import GPTConfig
+    from sybil.kv_cache import KVCache
+    from sybil.model import GPT
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+    model = GPT(config).to(dtype).eval()
+    if quantize:
+        model.quantize_int8()
+    idx, first = torch.randint(0, 300, (2, 5)), torch.randint(0, 300, (2, 3))
+    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 63, 63]])  # row 1: 3 tokens, then padding at the last slot
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(matmul, "blocks", lambda *a: None)
+        cache = KVCache.for_model(config, batch=2, max_len=64, dtype=dtype)
+        model(first, cache)  # rows' first entries (row 1 overwrites them)
+        runs.append((model(idx, cache, input_pos=pos), cache.k.clone(), cache.v.clone()))
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+    assert not torch.equal(runs[0][0][0, 0], runs[0][0][0, 1])  # a forward that computed something

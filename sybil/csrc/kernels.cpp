@@ -301,17 +301,15 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at
 // Causal attention over a preallocated cache. qkv [B, T, 3C] is c_attn's output;
 // its keys and values are written into kc, vc [B, H, L, D] (one layer's cache) at
 // pos [B, T], then each query at position p attends to keys 0..p of its row.
-// Returns [B, T, C] in qkv's dtype.
-at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& pos, int64_t n_head) {
+// Returns [B, T, C] in qkv's dtype. pos must already be int64, contiguous and
+// inside the cache (check_positions).
+at::Tensor attend_checked(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& p, int64_t n_head) {
   TORCH_CHECK(qkv.dim() == 3 && kc.dim() == 4 && vc.dim() == 4, "sybil::attend: bad ranks");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "sybil::attend: cache must be contiguous");
   TORCH_CHECK(qkv.scalar_type() == kc.scalar_type(), "sybil::attend: cache dtype differs from activations");
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3;
   TORCH_CHECK(kc.size(0) == B && kc.size(1) == n_head && kc.size(3) * n_head == C, "sybil::attend: cache shape");
-  auto p = pos.to(at::kLong).contiguous();
   TORCH_CHECK(p.numel() == B * Tn, "sybil::attend: pos must be [B, T]");
-  TORCH_CHECK(p.numel() == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kc.size(2)),
-              "sybil::attend: position outside the cache");
   auto y = at::empty({B, Tn, C}, qkv.options().dtype(at::kFloat));
   switch (qkv.scalar_type()) {
     case at::kFloat: attend_impl<float>(qkv, kc, vc, p, n_head, y.data_ptr<float>()); break;
@@ -321,9 +319,58 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at:
   return y.to(qkv.scalar_type());
 }
 
+// Positions as int64, contiguous, every one inside a cache of length L: a custom
+// op must not write out of bounds, whatever its caller did.
+at::Tensor check_positions(const at::Tensor& pos, int64_t L) {
+  auto p = pos.to(at::kLong).contiguous();
+  TORCH_CHECK(p.numel() == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < L),
+              "sybil: position outside the cache");
+  return p;
+}
+
+at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& pos, int64_t n_head) {
+  TORCH_CHECK(kc.dim() == 4, "sybil::attend: bad ranks");
+  return attend_checked(qkv, kc, vc, check_positions(pos, kc.size(2)), n_head);
+}
+
+// Every transformer block of a forward in one call: the same operations, in the
+// same order, as sybil.model.Block (torch's layer_norm, add and tanh GELU, the
+// linear and attention above), so the bits are the same as block by block. Why:
+// from Python each block is about a dozen ops, each paying the interpreter and the
+// dispatcher; 24 blocks of them cost a few ms a step, as much as reading 100 MB.
+// params holds 16 entries per layer: ln_1 weight, bias; c_attn weight, bias,
+// scale; attn c_proj weight, bias, scale; ln_2 weight, bias; c_fc weight, bias,
+// scale; mlp c_proj weight, bias, scale (scale None for float weights, the
+// weight then [N, K]; packed int8 otherwise). kc, vc [layers, B, H, L, D].
+constexpr int64_t PARAMS_PER_LAYER = 16;
+
+at::Tensor blocks(const at::Tensor& x_in, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& pos,
+                  int64_t n_head, double eps, const c10::List<std::optional<at::Tensor>>& params) {
+  TORCH_CHECK(x_in.dim() == 3 && kc.dim() == 5 && vc.dim() == 5, "sybil::blocks: bad ranks");
+  const int64_t layers = kc.size(0), C = x_in.size(2);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * PARAMS_PER_LAYER,
+              "sybil::blocks: expected ", layers * PARAMS_PER_LAYER, " parameters, got ", params.size());
+  const auto p = check_positions(pos, kc.size(3));
+  auto get = [&](int64_t l, int64_t i) -> std::optional<at::Tensor> { return params.get(l * PARAMS_PER_LAYER + i); };
+  auto lin = [&](const at::Tensor& h, int64_t l, int64_t i) {
+    return linear(h, *get(l, i), get(l, i + 1), get(l, i + 2));
+  };
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    auto h = at::layer_norm(x, {C}, get(l, 0), get(l, 1), eps);
+    auto a = attend_checked(lin(h, l, 2), kc.select(0, l), vc.select(0, l), p, n_head);
+    x = x + lin(a, l, 5);
+    h = at::layer_norm(x, {C}, get(l, 8), get(l, 9), eps);
+    x = x + lin(at::gelu(lin(h, l, 10), "tanh"), l, 13);
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sybil, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
   m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head) -> Tensor", &attend);
+  m.def("blocks(Tensor x, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, float eps, Tensor?[] params) -> Tensor",
+        &blocks);
 }
