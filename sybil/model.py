@@ -23,8 +23,11 @@ class Linear(nn.Linear):
         return matmul.linear(x, self.weight, self.bias)
 
     def kernel_args(self) -> list[torch.Tensor | None]:
-        """(weight, bias, scale) as torch.ops.sybil.linear takes them."""
-        return [self.weight, self.bias, None]
+        """(weight, bias, scale) as torch.ops.sybil.linear takes them. Read from the
+        module's dicts: nn.Module.__getattr__ for every tensor of every block, every
+        forward, cost about 1 ms (of an 11 ms draft step); the dicts, 0.05 ms."""
+        p = self._parameters
+        return [p["weight"], p.get("bias"), None]
 
     def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Outputs start..stop-1 only, from a slice of the weight (a view, no copy)."""
@@ -54,8 +57,9 @@ class Int8Linear(nn.Module):
         return matmul.linear_int8(x, self.packed, self.scale, self.bias)
 
     def kernel_args(self) -> list[torch.Tensor | None]:
-        """(weight, bias, scale) as torch.ops.sybil.linear takes them."""
-        return [self.packed, self.bias, self.scale]
+        """(weight, bias, scale) as torch.ops.sybil.linear takes them (see Linear's)."""
+        b = self._buffers
+        return [b["packed"], self._parameters.get("bias"), b["scale"]]
 
     def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Outputs start..stop-1 only, from whole packed blocks of 8 rows (views, no copy)."""
@@ -136,9 +140,11 @@ class Block(nn.Module):
 
     def kernel_args(self) -> list[torch.Tensor | None]:
         """This block's 16 tensors in the order torch.ops.sybil.blocks reads them."""
-        a, m = self.attn, self.mlp
-        return [self.ln_1.weight, self.ln_1.bias, *a.c_attn.kernel_args(), *a.c_proj.kernel_args(),
-                self.ln_2.weight, self.ln_2.bias, *m.c_fc.kernel_args(), *m.c_proj.kernel_args()]
+        mods = self._modules  # the dicts, not nn.Module.__getattr__: see Linear.kernel_args
+        a, m = mods["attn"]._modules, mods["mlp"]._modules
+        ln_1, ln_2 = mods["ln_1"]._parameters, mods["ln_2"]._parameters
+        return [ln_1["weight"], ln_1["bias"], *a["c_attn"].kernel_args(), *a["c_proj"].kernel_args(),
+                ln_2["weight"], ln_2["bias"], *m["c_fc"].kernel_args(), *m["c_proj"].kernel_args()]
 
 
 class GPT(nn.Module):
