@@ -81,23 +81,36 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def step_ms(model: sybil.GPT, n_tokens: int, context: int = 256, repeats: int = 7, vocab: int | None = None) -> float:
-    """Median ms of one forward over n_tokens with `context` tokens already cached
-    (vocab: a reduced head, as a draft with --draft-vocab runs)."""
-    context = min(context, model.config.n_positions - n_tokens)
-    cache = KVCache.for_model(model.config, 1, context + n_tokens, dtype=model.dtype, device=model.device)
-    idx = torch.randint(0, model.config.vocab_size, (1, context + n_tokens), generator=torch.Generator().manual_seed(0))
-    idx = idx.to(model.device)
-    model(idx[:, :context], cache)
-    times = []
-    for _ in range(repeats + 1):
-        cache.truncate(context)
-        _sync(model.device)
-        t = time.perf_counter()
-        model(idx[:, context:], cache, vocab=vocab)
-        _sync(model.device)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times[1:])
+def step_costs(cases: dict[str, tuple[sybil.GPT, int, int | None]], context: int = 256, repeats: int = 7
+               ) -> dict[str, float]:
+    """Median ms of one forward per case (model, tokens fed, vocab: a reduced head, as a
+    draft with --draft-vocab runs) with `context` tokens already cached. The cases take
+    turns, round after round, so that the machine's drift (its read bandwidth moved
+    between 16 and 26 GB/s within an hour) falls on every width alike instead of on
+    whichever ran last; one measured alone can be off by a third."""
+    caches: dict[int, tuple[KVCache, torch.Tensor, int]] = {}
+    for model, _, _ in cases.values():
+        if id(model) in caches:
+            continue
+        top = max(n for m, n, _ in cases.values() if m is model)
+        ctx = min(context, model.config.n_positions - top)
+        cache = KVCache.for_model(model.config, 1, ctx + top, dtype=model.dtype, device=model.device)
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, model.config.vocab_size, (1, ctx + top), generator=gen).to(model.device)
+        model(idx[:, :ctx], cache)
+        caches[id(model)] = cache, idx, ctx
+    times: dict[str, list[float]] = {key: [] for key in cases}
+    for r in range(repeats + 1):  # round 0 warms up
+        for key, (model, n, vocab) in cases.items():
+            cache, idx, ctx = caches[id(model)]
+            cache.truncate(ctx)
+            _sync(model.device)
+            t = time.perf_counter()
+            model(idx[:, ctx : ctx + n], cache, vocab=vocab)
+            _sync(model.device)
+            if r:
+                times[key].append(time.perf_counter() - t)
+    return {key: 1000 * statistics.median(ts) for key, ts in times.items()}
 
 
 def leviathan_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
@@ -383,9 +396,10 @@ def run(args: argparse.Namespace) -> int:
     floor = {"read_GBps": bw, "weight_bytes": weight_bytes(target)}
     floor["floor_ms_per_token"] = floor["weight_bytes"] / (bw * 1e9) * 1000
     widths = sorted(set(STEP_TOKENS) | {k + 1 for k in ks if isinstance(k, int)})  # each verify width run
+    ms = step_costs({**{f"target {n}": (target, n, None) for n in widths}, "draft 1": (draft, 1, args.draft_vocab)})
     step = {
-        "target": {str(n): step_ms(target, n) for n in widths},
-        "draft": {"1": step_ms(draft, 1, vocab=args.draft_vocab)},
+        "target": {str(n): ms[f"target {n}"] for n in widths},
+        "draft": {"1": ms["draft 1"]},
     }
 
     rows: list[Row] = []
