@@ -71,27 +71,19 @@ def rehome(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def rehome_module(module: nn.Module) -> int:
     """Move every large CPU parameter and buffer of module into huge pages, one at a time
-    (so the peak is one tensor more, not a second model). Tied parameters stay tied:
-    a parameter object is rehomed once and every module holding it sees the new data.
-    Returns the bytes moved."""
+    (so the peak is one tensor more, not a second model). Each tensor keeps its identity
+    (its data is swapped in place), so tied parameters stay tied and every holder of a
+    buffer sees the new data. Returns the bytes moved."""
     moved = 0
     seen: set[int] = set()
     for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is None or id(p) in seen:
+        for t in [*sub._parameters.values(), *sub._buffers.values()]:
+            if t is None or id(t) in seen:
                 continue
-            seen.add(id(p))
-            data = p.data  # a new tensor object on every access: compare against one
+            seen.add(id(t))
+            data = t.data  # a new tensor object on every access: compare against one
             new = rehome(data)
             if new is not data:
-                p.data = new
-                moved += new.numel() * new.element_size()
-        for name, b in list(sub._buffers.items()):
-            if b is None or id(b) in seen:
-                continue
-            seen.add(id(b))
-            new = rehome(b)
-            if new is not b:
-                sub._buffers[name] = new
+                t.data = new
                 moved += new.numel() * new.element_size()
     return moved

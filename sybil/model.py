@@ -48,9 +48,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
         q, scale = matmul.quantize_int8(weight)
-        packed = matmul.pack_int8(q)
-        if packed.device.type == "cpu":
-            packed = memory.rehome(packed)  # in 2 MiB pages: sybil.memory says why
+        packed = memory.rehome(matmul.pack_int8(q))  # in 2 MiB pages on the CPU: sybil.memory says why
         return cls(packed, scale, None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -79,3 +79,12 @@ def test_kv_cache_buffers_are_zeroed_huge_page_memory():
     cache = KVCache.for_model(cfg, batch=1, max_len=256)
     assert _advised(cache.k) and _advised(cache.v)
     assert not cache.k.any() and not cache.v.any()
+
+
+@needs_thp
+def test_rehome_module_moves_buffers_in_place():
+    module = torch.nn.Module()
+    module.register_buffer("packed", torch.randint(-127, 128, (2048, 1024), dtype=torch.int8))  # 2 MiB
+    held, before = module.packed, module.packed.clone()  # e.g. Int8Embedding holds its head's buffer
+    assert memory.rehome_module(module) == 2 << 20
+    assert module.packed is held and torch.equal(held, before) and _advised(held)
