@@ -5,6 +5,11 @@ E(k) = (1 - a^(k+1)) / (1 - a) tokens (Leviathan et al.) and costs
 k * draft_step + verify(k + 1 tokens). We pick the k in 0..k_max with the highest
 E(k) / cost(k); k = 0 is a plain target step, chosen when speculation would not pay.
 Acceptance and costs are running estimates from the rounds already run.
+
+Costs are kept in units of the current one-token target step: on a shared machine
+the absolute time of a forward drifts by a third within minutes, while the ratio of
+two forwards measured minutes apart holds, and a stale absolute verify cost next to
+a fresh step cost would make drafting look cheaper (or dearer) than it is.
 """
 
 from __future__ import annotations
@@ -19,20 +24,24 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 class AdaptiveK:
     K_MAX = 8
-    # Rounds run first, in this order: a draft step and a plain step are measured, and
-    # longer windows are tried only once the estimates say they pay (a useless draft
-    # then costs one round, not a K=4 one).
-    WARMUP = (2, 0)  # K=2: its first draft forward is the draft's prompt prefill (a catch-up,
-    # kept out of the step estimate), so a second one is needed to measure a draft step
+    # Rounds run first, in this order: a plain step (the unit of cost), then one draft
+    # token. The draft catches up on the prompt in a forward timed apart and drafts in a
+    # one-token step, so that round measures a draft step; longer windows are tried only
+    # once the estimates say they pay (a useless draft then costs a round or two).
+    WARMUP = (0, 1)
     PROBE_EVERY = 32  # after this many plain steps in a row, draft once to refresh acceptance;
-    # the gap doubles after each probe, since a probe that changes nothing is pure cost
+    # the gap doubles after each probe, since a probe that changes nothing is pure cost.
+    # A probe's draft first catches up on every token it missed (about a prefill of the
+    # gap), and what it finds can only pay on the tokens left: it runs only while at
+    # least as many tokens are left as the gap.
 
     def __init__(self, k_max: int = K_MAX, decay: float = 0.9, prior_alpha: float = 0.5) -> None:
         self.k_max = k_max
         self.decay = decay
         self.hits, self.misses = prior_alpha, 1.0 - prior_alpha  # pseudo-counts of one round
-        self.draft_step: float | None = None
-        self.verify: dict[int, float] = {}  # tokens in the verify forward -> seconds
+        self.step_s: float | None = None  # a one-token target forward, seconds
+        self.draft_ratio: float | None = None  # a draft step / step_s
+        self.verify: dict[int, float] = {}  # tokens in a verify forward (> 1) -> its cost / step_s
         self.rounds = 0
         self.plain_streak = 0
         self.probe_gap = self.PROBE_EVERY
@@ -42,27 +51,31 @@ class AdaptiveK:
         return self.hits / (self.hits + self.misses)
 
     def verify_cost(self, n_tokens: int) -> float:
-        """Measured cost of an n-token forward, else a line through the measured ones."""
+        """An n-token forward in steps: measured, else a line through the measured ones
+        and the step itself. Never below a step: a wider forward does the step's work
+        and more, whatever a noisy measurement says."""
+        if n_tokens <= 1:
+            return 1.0
         if n_tokens in self.verify:
-            return self.verify[n_tokens]
-        pts = sorted(self.verify.items())
-        if len(pts) == 1:
-            return pts[0][1]
-        (n0, c0), (n1, c1) = pts[0], pts[-1]
-        return max(c0 + (c1 - c0) * (n_tokens - n0) / (n1 - n0), 1e-9)
+            return max(self.verify[n_tokens], 1.0)
+        (n0, c0), (n1, c1) = (1, 1.0), max(self.verify.items(), default=(1, 1.0))
+        if n1 == n0:
+            return 1.0
+        return max(c0 + (c1 - c0) * (n_tokens - n0) / (n1 - n0), 1.0)
 
     def rate(self, k: int) -> float:
-        """Expected committed tokens per second for a window of k. A draft step not yet
-        measured is priced as a target step: never as free."""
-        step = self.draft_step if self.draft_step is not None else self.verify_cost(1)
-        cost = self.verify_cost(k + 1) + k * step
-        return expected_tokens(self.alpha, k) / cost
+        """Expected committed tokens per step's worth of time for a window of k. A draft
+        step not yet measured is priced as a target step: never as free."""
+        draft = self.draft_ratio if self.draft_ratio is not None else 1.0
+        return expected_tokens(self.alpha, k) / (self.verify_cost(k + 1) + k * draft)
 
-    def choose(self, k_limit: int) -> int:
-        k_limit = min(k_limit, self.k_max)
+    def choose(self, room: int) -> int:
+        """The window for the next round; room is the most drafts it may carry (the
+        tokens left, less the one a round always commits)."""
+        k_limit = min(room, self.k_max)
         if self.rounds < len(self.WARMUP):
             return min(self.WARMUP[self.rounds], k_limit)
-        if self.plain_streak >= self.probe_gap:
+        if self.plain_streak >= self.probe_gap and room + 1 >= self.probe_gap:
             self.probe_gap *= 2
             return min(1, k_limit)
         # Verify costs past the widest one measured are extrapolated: grow K at most
@@ -74,9 +87,7 @@ class AdaptiveK:
         """Stop drafting once the draft's own chance of full acceptance is below the
         cost of one more draft step in target-step units: past that, a further
         draft token costs more than it is expected to return."""
-        if self.draft_step is None or 1 not in self.verify:
-            return 0.0
-        return min(self.draft_step / self.verify[1], 1.0)
+        return min(self.draft_ratio, 1.0) if self.draft_ratio is not None else 0.0
 
     def update(
         self,
@@ -94,11 +105,14 @@ class AdaptiveK:
         self.rounds += 1
         self.plain_streak = self.plain_streak + 1 if drafted == 0 else 0
         ema = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new  # noqa: E731
-        self.verify[n_fed] = ema(self.verify.get(n_fed), verify_s)
+        if n_fed == 1:
+            self.step_s = ema(self.step_s, verify_s)
+        elif self.step_s is not None:
+            self.verify[n_fed] = ema(self.verify.get(n_fed), verify_s / self.step_s)
         if drafted:
             steps = drafted if steps is None else steps
-            if steps > 0:  # 0: the only draft forward was a catch-up
-                self.draft_step = ema(self.draft_step, draft_s / steps)
+            if steps > 0 and self.step_s is not None:  # 0: the only draft forward was a catch-up
+                self.draft_ratio = ema(self.draft_ratio, draft_s / steps / self.step_s)
             self.hits = self.decay * self.hits + accepted
             if misses is None:
                 misses = int(accepted < drafted)

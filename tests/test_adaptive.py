@@ -10,11 +10,13 @@ def test_expected_tokens_formula():
 
 
 def _trained(alpha_hits, draft_cost, verify_costs, rounds=60):
+    """A controller after `rounds` K=4 rounds with these costs (seconds; verify_costs[1]
+    is the one-token step) and alpha_hits of 4 drafts accepted each round."""
     c = AdaptiveK(k_max=8)
     c.rounds = len(AdaptiveK.WARMUP)
-    for n, cost in verify_costs.items():
-        c.verify[n] = cost
-    c.draft_step = draft_cost
+    c.step_s = verify_costs[1]
+    c.verify = {n: cost / c.step_s for n, cost in verify_costs.items() if n > 1}
+    c.draft_ratio = draft_cost / c.step_s
     for _ in range(rounds):
         c.update(4, alpha_hits, 4 * draft_cost, verify_costs.get(5, 1.0), 5)
     return c
@@ -50,6 +52,14 @@ def test_plain_streak_triggers_a_probe():
     assert c.choose(100) == 1
 
 
+def test_a_probe_waits_for_enough_tokens_left_to_pay_for_it():
+    c = _trained(0, 0.5, {1: 1.0, 5: 1.1})
+    for _ in range(AdaptiveK.PROBE_EVERY):
+        c.update(0, 0, 0.0, 1.0, 1)
+    assert c.choose(AdaptiveK.PROBE_EVERY - 2) == 0  # fewer tokens left than the gap: no probe
+    assert c.choose(AdaptiveK.PROBE_EVERY - 1) == 1  # as many left as the gap: probe
+
+
 def test_warmup_measures_plain_and_drafted_rounds():
     c = AdaptiveK()
     assert [c.choose(100) for _ in range(1)] == [AdaptiveK.WARMUP[0]]
@@ -58,12 +68,38 @@ def test_warmup_measures_plain_and_drafted_rounds():
 def test_an_unmeasured_draft_step_is_never_free_and_k_grows_gradually():
     c = AdaptiveK(k_max=8)
     c.rounds = len(AdaptiveK.WARMUP)
-    c.verify = {1: 1.0, 2: 0.9}  # a noisy pair: extrapolated, longer verifies look free
+    c.step_s, c.verify = 1.0, {2: 1.0}
     c.hits, c.misses = 0.45, 1.45  # alpha 0.24, as after a failed warm-up
-    assert c.draft_step is None
+    assert c.draft_ratio is None
     assert c.choose(100) == 0  # priced as a target step, drafting does not pay here
-    c.draft_step = 0.01
+    c.draft_ratio = 0.01
     c.hits, c.misses = 9.0, 1.0  # alpha 0.9
     assert c.choose(100) == 2  # the widest verify tried was 2 tokens (k=1): at most twice that
-    c.verify[3] = 0.95
+    c.verify[3] = 1.0
     assert c.choose(100) == 4
+
+
+def test_a_noisy_wide_forward_is_never_priced_below_a_step():
+    """A 2-token forward measured faster than the step (noise, or the machine slowed
+    since) must not make a useless draft look profitable."""
+    c = AdaptiveK(k_max=8)
+    c.rounds = len(AdaptiveK.WARMUP)
+    c.step_s = 1.0
+    c.update(1, 0, 0.2, 0.9, 2)  # K=1: draft step 0.2 steps, verify "0.9 steps", rejected
+    c.update(1, 0, 0.2, 0.9, 2)
+    assert c.verify_cost(2) == 1.0
+    # alpha 0.15: 1.15 tokens for 1.2 steps does not beat 1 for 1 (for "1.1 steps" it would)
+    assert c.choose(100) == 0
+
+
+def test_costs_are_relative_to_the_current_step():
+    """The machine slows by half between the K=2 rounds and the plain ones: the verify
+    forward keeps its cost relative to the step it was measured against."""
+    c = AdaptiveK(k_max=8)
+    c.update(0, 0, 0.0, 1.0, 1)
+    c.update(2, 2, 0.2, 1.2, 3)  # 3-token verify: 1.2 steps
+    for _ in range(30):
+        c.update(0, 0, 0.0, 1.5, 1)
+    assert c.step_s == pytest.approx(1.5, rel=0.05)
+    assert c.verify_cost(3) == pytest.approx(1.2)
+    assert c.draft_ratio == pytest.approx(0.1)

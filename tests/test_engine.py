@@ -5,7 +5,8 @@ import torch
 
 import sybil
 from conftest import hf_model, noisy_copy
-from sybil.engine import Decoder
+from sybil.adaptive import AdaptiveK
+from sybil.engine import Batch, Decoder
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.drafters import ModelDrafter
@@ -246,6 +247,22 @@ def test_batch_telemetry_per_row(spec):
         s = o.stats
         assert s["accepted"] + s["target_tokens"] == len(o.tokens) == 15
         assert s["batch_size"] == 3
+
+
+def test_auto_k_first_round_measures_a_draft_step_apart_from_the_prompt_catch_up(spec):
+    """The warm-up drafts in one K=1 round: it measures a draft step only because the
+    draft's prompt catch-up runs (and is timed) apart from the one-token step that drafts."""
+    _, target, drafts, prompts, _ = spec
+    prompt = max(prompts, key=len)
+    drafter = ModelDrafter(drafts["independent"], SamplingParams(), 128)
+    batch = Batch(target, 1, 128, drafter, "auto")
+    batch.add(0, sybil.engine.Generation(prompt_ids=prompt), 40, SamplingParams(), None)
+    assert AdaptiveK.WARMUP == (0, 1)
+    batch.step()
+    batch.step()
+    c = batch.controller
+    assert (c.rounds, c.step_s is not None, c.draft_ratio is not None) == (2, True, True)
+    assert drafter.catchup_s > 0
 
 
 def test_auto_k_falls_back_to_plain_steps_when_drafts_never_land(spec):
