@@ -1,7 +1,8 @@
 """python -m bench.throughput: Sybil against `transformers`, side by side, in one run.
 
 Same prompts, same weights, same dtype, greedy, warm-ups excluded, medians over
-repeats. With --weights random (real shapes, random values) acceptance means
+repeats; Sybil's rows (plain and every K) take turns within each repeat, so that
+the machine's drift falls on all of them alike. With --weights random (real shapes, random values) acceptance means
 nothing, so --simulate-acceptance A keeps the draft model's real cost but makes
 its proposal the target's own next token with probability A; every output marks
 those rows as simulated.
@@ -139,32 +140,56 @@ def timed(fn, repeats: int) -> tuple[float, list]:
     return statistics.median(times), out
 
 
-def run_sybil(target, prompts, n, repeats, *, draft=None, k=4, oracles=None, accept=None, device=None,
-              draft_vocab=None) -> tuple[Row, list]:
-    def once():
+def sybil_runner(target, prompts, n, *, draft=None, k=4, oracles=None, accept=None, device=None, draft_vocab=None):
+    """A function that decodes every prompt once (one repeat of a row), after a warm-up.
+    k "auto" starts a fresh controller in every call, as a one-off `generate --k auto`
+    does; "auto-shared" hands one controller to all of the row's calls (warm-up
+    included), as the server keeps one across requests."""
+    shared = sybil.AdaptiveK() if k == "auto-shared" else None
+
+    def once(prompts=prompts, n=n):
         outs = []
         for i, p in enumerate(prompts):
             d = draft
             if accept is not None:
                 d = SimulatedDrafter(draft, len(p) + n, [p + oracles[i]], accept, seed=i, vocab=draft_vocab)
             # a simulated drafter carries its reduced head itself; generate() takes draft_vocab for models
-            outs.append(sybil.generate(target, p, n, draft=d, k=k, stop_at_eos=False,
+            outs.append(sybil.generate(target, p, n, draft=d, k=shared or k, stop_at_eos=False,
                                        draft_vocab=draft_vocab if accept is None else None))
         _sync(device)
         return outs
 
-    sybil.generate(target, prompts[0], 4, draft=draft, k=k, stop_at_eos=False, draft_vocab=draft_vocab)  # warm-up
-    secs, outs = timed(once, repeats)
-    tokens = sum(len(o.tokens) for o in outs)
-    row = Row("sybil-speculative" if draft is not None else "sybil-autoregressive", k if draft is not None else None, tokens / secs)
     if draft is not None:
+        once(prompts[:1], 4)  # warm-up (a plain row's warm-up is the run that makes the oracles)
+    return once
+
+
+def interleaved(runners: dict, repeats: int) -> dict:
+    """Median seconds and the last outputs of each runner, the runners taking turns in
+    every repeat: the machines this runs on drift (memory bandwidth moved by a third
+    within minutes), and taking turns lays that drift on every row alike instead of
+    on whichever row ran in a slow minute."""
+    times = {name: [] for name in runners}
+    outs = {}
+    for _ in range(repeats):
+        for name, once in runners.items():
+            t = time.perf_counter()
+            outs[name] = once()
+            times[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(times[name]), outs[name]) for name in runners}
+
+
+def sybil_row(k, secs: float, outs: list, simulated: bool) -> Row:
+    tokens = sum(len(o.tokens) for o in outs)
+    row = Row("sybil-speculative" if k is not None else "sybil-autoregressive", k, tokens / secs)
+    if k is not None:
         drafted = sum(o.stats["drafted"] for o in outs)
         accepted = sum(o.stats["accepted"] for o in outs)
         rounds = sum(o.stats["rounds"] for o in outs)
         row.acceptance_rate = accepted / drafted if drafted else 0.0
         row.mean_accepted = tokens / rounds
-        row.simulated = accept is not None
-    return row, outs
+        row.simulated = simulated
+    return row
 
 
 def run_hf(hf_target, prompts, n, repeats, device, hf_draft=None) -> Row:
@@ -234,12 +259,14 @@ def parse_ks(text: str) -> list[int | str]:
     ks: list[int | str] = []
     for part in text.split(","):
         part = part.strip()
-        if part == "auto":
+        if part in ("auto", "auto-shared"):
             ks.append(part)
         elif part.isdigit() and int(part) >= 1:
             ks.append(int(part))
         else:
-            raise SybilError(f"--k takes a comma-separated list of positive integers and 'auto', got {text!r}")
+            raise SybilError(
+                f"--k takes a comma-separated list of positive integers, 'auto' and 'auto-shared', got {text!r}"
+            )
     return ks
 
 
@@ -249,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default="gpt2")
     p.add_argument("--weights", choices=["real", "random"], default="real")
     p.add_argument("--simulate-acceptance", type=float, default=None, metavar="A")
-    p.add_argument("--k", default="1,2,4,8,auto")
+    p.add_argument("--k", default="1,2,4,8,auto,auto-shared",
+                   help="windows to run: integers, auto (a fresh controller per prompt), auto-shared (one "
+                        "controller for all of the row's prompts, as the server keeps one)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="the target's weights")
     p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="none",
@@ -342,7 +371,7 @@ def plot(path: Path, rows: list[Row]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.prompts, args.max_new_tokens, args.repeats = min(args.prompts, 2), 16, 1
-        if args.k == "1,2,4,8,auto":
+        if args.k == "1,2,4,8,auto,auto-shared":
             args.k = "1,4,auto"
     ks = parse_ks(args.k)
     try:
@@ -412,17 +441,22 @@ def run(args: argparse.Namespace) -> int:
             row.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(row)
 
-    progress("sybil-autoregressive")
-    base, base_outs = run_sybil(target, prompts, args.max_new_tokens, args.repeats, device=device)
-    add(base)
-    oracles = [o.tokens for o in base_outs]
+    plain = sybil_runner(target, prompts, args.max_new_tokens, device=device)
+    oracles = [o.tokens for o in plain()]  # also the plain row's warm-up
+    runners = {None: plain}
     for k in ks:
-        progress(f"sybil-speculative k={k}" + (f" (simulated acceptance {args.simulate_acceptance})" if args.simulate_acceptance is not None else ""))
-        row, _ = run_sybil(
-            target, prompts, args.max_new_tokens, args.repeats, draft=draft, k=k,
+        runners[k] = sybil_runner(
+            target, prompts, args.max_new_tokens, draft=draft, k=k,
             oracles=oracles, accept=args.simulate_acceptance, device=device, draft_vocab=args.draft_vocab,
         )
-        add(row)
+    progress(f"sybil: plain and K = {', '.join(map(str, ks))} taking turns, {args.repeats} repeats"
+             + (f" (simulated acceptance {args.simulate_acceptance})" if args.simulate_acceptance is not None else ""))
+    results = interleaved(runners, args.repeats)
+    for k, (secs, outs) in results.items():
+        add(sybil_row(k, secs, outs, args.simulate_acceptance is not None))
+    for r in rows[1:]:  # the rows ran in turns: one peak for all of them
+        r.peak_mb = max(rr.peak_mb for rr in rows)
+    base = rows[0]
 
     if hf_target is None:
         note = "skipped (--no-hf)" if args.no_hf else "n/a for int8" if quantize else "not installed"

@@ -1,5 +1,6 @@
 """Sybil: a from-scratch GPT-2 inference engine with lossless speculative decoding."""
 
+from sybil.adaptive import AdaptiveK
 from sybil.config import GPTConfig
 from sybil.engine import Generation, generate
 from sybil.errors import SybilError
@@ -7,4 +8,4 @@ from sybil.kv_cache import KVCache
 from sybil.loader import load_model
 from sybil.model import GPT
 
-__all__ = ["GPT", "GPTConfig", "Generation", "KVCache", "SybilError", "generate", "load_model"]
+__all__ = ["AdaptiveK", "GPT", "GPTConfig", "Generation", "KVCache", "SybilError", "generate", "load_model"]

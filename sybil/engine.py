@@ -181,7 +181,9 @@ def make_drafter(
     return draft  # any object with propose/rewind
 
 
-def _parse_k(k: int | str, context: int) -> tuple[int, AdaptiveK | None]:
+def _parse_k(k: int | str | AdaptiveK, context: int) -> tuple[int, AdaptiveK | None]:
+    if isinstance(k, AdaptiveK):  # a controller carried over from earlier calls
+        return min(k.k_max, context - 1), k
     if k == "auto":
         k_max = min(AdaptiveK.K_MAX, context - 1)
         return k_max, AdaptiveK(k_max=k_max)
@@ -215,7 +217,7 @@ def generate(
     seed: int | list[int | None] | None = None,
     stop_at_eos: bool = True,
     draft: GPT | str | Drafter | None = None,
-    k: int | str = 4,
+    k: int | str | AdaptiveK = 4,
     on_token: Callable[[int, int], None] | None = None,
     graphs: bool | None = None,
     draft_vocab: int | None = None,
@@ -232,7 +234,10 @@ def generate(
     decoding is speculative with window k (or "auto") and the output is what
     model alone would produce: the same tokens when greedy, the same
     distribution when sampling. on_token(row, token) is called as each token
-    is committed, for streaming.
+    is committed, for streaming. k="auto" chooses the window each round from
+    measured costs and acceptance, starting afresh; an AdaptiveK instance does the
+    same and keeps what it learnt for the next call that is given it (as the
+    server keeps one across requests), so later calls skip the warm-up.
 
     draft_vocab=N restricts a draft model's head to ids below N and
     <|endoftext|> (FR-Spec): cheaper draft steps, the output unchanged.
@@ -322,7 +327,7 @@ class Batch:
     """
 
     def __init__(
-        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, k: int | str = 4,
+        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, k: int | str | AdaptiveK = 4,
         graphs: bool = False,
     ) -> None:
         self.model = model

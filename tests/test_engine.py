@@ -265,6 +265,18 @@ def test_auto_k_first_round_measures_a_draft_step_apart_from_the_prompt_catch_up
     assert drafter.catchup_s > 0
 
 
+def test_a_controller_given_to_later_calls_keeps_learning_and_stays_lossless(spec):
+    _, target, drafts, prompts, plain = spec
+    c = AdaptiveK()
+    seen = 0
+    for p, want in zip(prompts[:3], plain):
+        out = sybil.generate(target, p, NEW, draft=drafts["noisy"], k=c, stop_at_eos=False)
+        assert out.tokens == want
+        seen += out.stats["rounds"]
+        assert c.rounds == seen  # the same controller ran every round of every call
+    assert c.step_s is not None and c.draft_ratio is not None
+
+
 def test_auto_k_falls_back_to_plain_steps_when_drafts_never_land(spec):
     """With an independent draft (acceptance ~0) every drafted token is wasted work;
     k="auto" must notice and spend most rounds as plain target steps."""

@@ -104,3 +104,32 @@ def test_simulated_acceptance_stays_true(tiny_pair):
         out = sybil.generate(t, prompt, 150, draft=sd, k=1, stop_at_eos=False)
         assert out.tokens == plain
         assert abs(out.stats["acceptance_rate"] - acceptance) <= 0.03
+
+
+def test_rows_take_turns_in_every_repeat():
+    """Drift on a shared machine must fall on every row alike: each repeat runs each
+    row once, in the same order, and each row's time is its own median."""
+    ran, clock = [], iter(range(100))
+
+    def runner(name, cost):
+        def once():
+            ran.append(name)
+            for _ in range(cost):
+                next(clock)
+            return name
+        return once
+
+    real = throughput.time.perf_counter
+    throughput.time.perf_counter = lambda: float(next(clock))
+    try:
+        res = throughput.interleaved({"plain": runner("plain", 4), 2: runner(2, 1)}, repeats=3)
+    finally:
+        throughput.time.perf_counter = real
+    assert ran == ["plain", 2] * 3
+    assert res["plain"] == (5.0, "plain") and res[2] == (2.0, 2)
+
+
+def test_k_list_takes_integers_and_both_autos():
+    assert throughput.parse_ks("2, auto,auto-shared") == [2, "auto", "auto-shared"]
+    with pytest.raises(throughput.SybilError):
+        throughput.parse_ks("2,auto-warm")
