@@ -15,8 +15,9 @@ def _trained(alpha_hits, draft_cost, verify_costs, rounds=60):
     c = AdaptiveK(k_max=8)
     c.rounds = len(AdaptiveK.WARMUP)
     c.step_s = verify_costs[1]
-    c.verify = {n: cost / c.step_s for n, cost in verify_costs.items() if n > 1}
     c.draft_ratio = draft_cost / c.step_s
+    for n, cost in verify_costs.items():
+        c.update(n - 1, alpha_hits * (n > 1), (n - 1) * draft_cost, cost, n)
     for _ in range(rounds):
         c.update(4, alpha_hits, 4 * draft_cost, verify_costs.get(5, 1.0), 5)
     return c
@@ -68,19 +69,20 @@ def test_warmup_measures_plain_and_drafted_rounds():
 def test_an_unmeasured_draft_step_is_never_free_and_k_grows_gradually():
     c = AdaptiveK(k_max=8)
     c.rounds = len(AdaptiveK.WARMUP)
-    c.step_s, c.verify = 1.0, {2: 1.0}
-    c.hits, c.misses = 0.45, 1.45  # alpha 0.24, as after a failed warm-up
-    assert c.draft_ratio is None
-    assert c.choose(100) == 0  # priced as a target step, drafting does not pay here
+    c.step_s = 1.0
+    c.update(0, 0, 0.0, 1.0, 1)
+    c.update(1, 0, 0.0, 1.0, 2)  # a 2-token verify as cheap as a step: longer ones look free
+    c.draft_ratio, c.hits, c.misses = None, 0.45, 1.45  # alpha 0.24, as after a failed warm-up
+    assert c.choose(100) == 0  # the draft step priced as a target step: drafting does not pay
     c.draft_ratio = 0.01
     c.hits, c.misses = 9.0, 1.0  # alpha 0.9
     assert c.choose(100) == 2  # the widest verify tried was 2 tokens (k=1): at most twice that
-    c.verify[3] = 1.0
+    c.update(2, 2, 0.02, 1.0, 3)
     assert c.choose(100) == 4
 
 
 def test_a_noisy_wide_forward_is_never_priced_below_a_step():
-    """A 2-token forward measured faster than the step (noise, or the machine slowed
+    """2-token forwards measured faster than the step (noise, or the machine slowed
     since) must not make a useless draft look profitable."""
     c = AdaptiveK(k_max=8)
     c.rounds = len(AdaptiveK.WARMUP)
@@ -90,6 +92,24 @@ def test_a_noisy_wide_forward_is_never_priced_below_a_step():
     assert c.verify_cost(2) == 1.0
     # alpha 0.15: 1.15 tokens for 1.2 steps does not beat 1 for 1 (for "1.1 steps" it would)
     assert c.choose(100) == 0
+
+
+def test_one_slow_verify_does_not_rule_its_width_out():
+    """Verify forwards cost 1 + 0.05 (n - 1) steps, but the first 5-token one ran slow
+    (1.6 steps): the fitted line, fed by the other widths' rounds, still brings K=4 back."""
+    c = AdaptiveK(k_max=8)
+    c.update(0, 0, 0.0, 1.0, 1)
+    c.update(1, 1, 0.1, 1.05, 2)
+    c.update(2, 2, 0.2, 1.10, 3)
+    c.update(4, 4, 0.4, 1.6, 5)  # one slow sample
+    c.hits, c.misses = 8.0, 2.0  # alpha 0.8
+    chosen = []
+    for _ in range(12):
+        k = c.choose(100)
+        chosen.append(k)
+        c.update(k, k, 0.1 * k, 1.0 + 0.05 * k, k + 1)
+        c.hits, c.misses = 8.0, 2.0
+    assert 4 in chosen[-4:] or 5 in chosen[-4:], chosen
 
 
 def test_costs_are_relative_to_the_current_step():
