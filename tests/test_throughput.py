@@ -37,6 +37,9 @@ def test_quick_run_writes_a_complete_consistent_record(tiny_pair, tmp_path, caps
     for r in spec:
         assert r["simulated"] is True
         assert r["speedup"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+        assert r["decode_speedup"] == pytest.approx(r["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    # decoding leaves out each prompt's prefill and first round, so it runs faster than end to end
+    assert base["decode_tokens_per_s"] > base["tokens_per_s"]
     # Acceptance is drawn at 0.8 per token, so the measured rate is near it (K=1: one draw a round).
     assert 0.55 <= runs[("sybil-speculative", 1)]["acceptance_rate"] <= 0.95
     assert {"hf-generate", "hf-assisted"} <= {r["name"] for r in rec["runs"]}
@@ -126,7 +129,7 @@ def test_rows_take_turns_in_every_repeat():
     finally:
         throughput.time.perf_counter = real
     assert ran == ["plain", 2] * 3
-    assert res["plain"] == (5.0, "plain") and res[2] == (2.0, 2)
+    assert res["plain"] == (5.0, ["plain"] * 3) and res[2] == (2.0, [2] * 3)
 
 
 def test_k_list_takes_integers_and_both_autos():
