@@ -2,10 +2,10 @@
 
 Same prompts, same weights, same dtype, greedy, warm-ups excluded, medians over
 repeats; Sybil's rows (plain and every K) take turns within each repeat, so that
-the machine's drift falls on all of them alike. With --weights random (real shapes, random values) acceptance means
-nothing, so --simulate-acceptance A keeps the draft model's real cost but makes
-its proposal the target's own next token with probability A; every output marks
-those rows as simulated.
+the machine's drift falls on all of them alike. With --weights random (real
+shapes, random values) acceptance means nothing, so --simulate-acceptance A keeps
+the draft model's real cost but makes its proposal the target's own next token
+with probability A; every output marks those rows as simulated.
 """
 
 from __future__ import annotations

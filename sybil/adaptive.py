@@ -13,8 +13,9 @@ a fresh step cost would make drafting look cheaper (or dearer) than it is.
 
 A forward of n tokens is modelled as 1 + slope * (n - 1) steps, the slope fitted to
 every verify round (recent ones weigh more). Per-width estimates were tried first:
-one slow sample of the 5-token forward made K=4 look poor, so K=4 was never run
-again to correct it, and auto settled on K=2 where K=4 was 15% faster.
+one slow sample of a width (forwards here vary by a third from run to run) priced
+that width out for good, since it was never run again to correct the estimate
+(tests/test_adaptive.py pins that case).
 """
 
 from __future__ import annotations
