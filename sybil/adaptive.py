@@ -36,7 +36,8 @@ class AdaptiveK:
     # once the estimates say they pay (a useless draft then costs a round or two).
     WARMUP = (0, 1)
     PROBE_EVERY = 32  # after this many plain steps in a row, draft once to refresh acceptance;
-    # the gap doubles after each probe, since a probe that changes nothing is pure cost.
+    # the gap doubles after each probe, since a probe that changes nothing is pure cost,
+    # and starts over once drafting pays again.
     # A probe's draft first catches up on every token it missed (about a prefill of the
     # gap), and what it finds can only pay on the tokens left: it runs only while at
     # least as many tokens are left as the gap.
@@ -83,7 +84,10 @@ class AdaptiveK:
         # Verify costs past the widest one measured are extrapolated: grow K at most
         # twofold past what was tried, so a noisy line cannot send K to k_max at once.
         k_limit = min(k_limit, 2 * max(1, self.widest - 1))
-        return max(range(k_limit + 1), key=self.rate)
+        k = max(range(k_limit + 1), key=self.rate)
+        if k:  # drafting pays again (a probe found it so): the next fallback probes early again
+            self.probe_gap = self.PROBE_EVERY
+        return k
 
     def min_confidence(self) -> float:
         """Stop drafting once the draft's own chance of full acceptance is below the

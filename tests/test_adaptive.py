@@ -53,6 +53,24 @@ def test_plain_streak_triggers_a_probe():
     assert c.choose(100) == 1
 
 
+def test_the_probe_gap_starts_over_once_drafting_pays_again():
+    """A controller that fell back to plain steps and found, by a probe, that drafting
+    pays again must probe as early as before after its next fallback: a gap that only
+    ever doubled left a long-running (server) controller on plain steps for hundreds
+    of tokens after its second or third fallback."""
+    c = _trained(0, 0.1, {1: 1.0, 5: 1.1})
+    for cycle in range(3):
+        for _ in range(AdaptiveK.PROBE_EVERY):
+            c.update(0, 0, 0.0, 1.0, 1)
+        assert c.choose(1000) == 1, f"cycle {cycle}: no probe after {AdaptiveK.PROBE_EVERY} plain steps"
+        for _ in range(10):  # the probe and the rounds after it find the draft right again
+            c.update(4, 4, 0.4, 1.1, 5)
+        assert c.choose(1000) > 0
+        for _ in range(40):  # then it goes wrong again: back to plain steps
+            c.update(4, 0, 0.4, 1.1, 5)
+        assert c.choose(1000) == 0
+
+
 def test_a_probe_waits_for_enough_tokens_left_to_pay_for_it():
     c = _trained(0, 0.5, {1: 1.0, 5: 1.1})
     for _ in range(AdaptiveK.PROBE_EVERY):
