@@ -186,10 +186,9 @@ def sybil_row(k, secs: float, repeats: list[list], simulated: bool) -> Row:
     tokens = sum(len(o.tokens) for o in outs)
     row = Row("sybil-speculative" if k is not None else "sybil-autoregressive", k, tokens / secs)
     # decode: each generation after its first token, as llama-bench's tg counts (no prompt)
-    decode_s = [sum(o.stats["total_s"] - o.stats["prefill_ms"] / 1000 for o in rep) for rep in repeats]
-    decode_tokens = sum(o.stats["decode_tokens_per_s"] * (o.stats["total_s"] - o.stats["prefill_ms"] / 1000)
-                        for o in outs)
-    row.decode_tokens_per_s = decode_tokens / statistics.median(decode_s)
+    decode_s = lambda o: o.stats["total_s"] - o.stats["prefill_ms"] / 1000  # noqa: E731
+    decode_tokens = sum(o.stats["decode_tokens_per_s"] * decode_s(o) for o in outs)
+    row.decode_tokens_per_s = decode_tokens / statistics.median(sum(map(decode_s, rep)) for rep in repeats)
     if k is not None:
         drafted = sum(o.stats["drafted"] for o in outs)
         accepted = sum(o.stats["accepted"] for o in outs)
@@ -463,8 +462,9 @@ def run(args: argparse.Namespace) -> int:
     results = interleaved(runners, args.repeats)
     for k, (secs, reps) in results.items():
         add(sybil_row(k, secs, reps, args.simulate_acceptance is not None))
-    for r in rows[1:]:  # the rows ran in turns: one peak for all of them
-        r.peak_mb = max(rr.peak_mb for rr in rows)
+    peak = max(r.peak_mb for r in rows)
+    for r in rows:  # the rows ran in turns: one peak for all of them
+        r.peak_mb = peak
     base = rows[0]
 
     if hf_target is None:
