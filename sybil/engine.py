@@ -19,8 +19,9 @@ from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal
 from sybil.cuda_graphs import StepGraphs
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
+from sybil.logprobs import MAX_TOP, TokenLogprob, score
 from sybil.model import GPT
-from sybil.sampling import SamplingParams
+from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.tokenizer import EOT_ID
 from sybil.verify import accept_greedy, accept_sampled
@@ -33,6 +34,8 @@ class Generation:
     finish_reason: str = ""  # "eos", "length" (max_new_tokens), "context" (context full) or "error"
     stats: dict = field(default_factory=dict)
     error: str | None = None  # why the prompt could not be run (batched calls only)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
 
 
 @dataclass
@@ -70,6 +73,10 @@ class Round:
     drafts: list[int]
     n_accepted: int
     token: int  # the target's own token after the accepted drafts
+    logprobs: list[TokenLogprob] | None = None  # of drafts[:n_accepted] and token, when the slot asks
+
+
+PROMPT_SCORE_CHUNK = 256  # prompt tokens per forward when their logits are kept (echo): 256 x V floats
 
 
 class Decoder:
@@ -87,19 +94,39 @@ class Decoder:
         self.seqs: list[list[int]] = [[] for _ in range(slots)]
         self.params = [SamplingParams()] * slots
         self.generators: list[torch.Generator | None] = [None] * slots
+        self.top: list[int | None] = [None] * slots  # log-probabilities wanted, with this many alternatives
+        self.counts: list[torch.Tensor | None] = [None] * slots  # generated-token counts, for penalties
         self.cache = KVCache.for_model(model.config, slots, max_len, dtype=model.dtype, device=model.device)
         self.graphs = StepGraphs(model, self.cache) if graphs else None
         self.draft_s = self.verify_s = 0.0  # time of the last round
 
-    def add(self, slot: int, prompt: list[int], params: SamplingParams, generator: torch.Generator | None) -> None:
+    def add(
+        self, slot: int, prompt: list[int], params: SamplingParams, generator: torch.Generator | None,
+        logprobs: int | None = None, prompt_logprobs: int | None = None,
+    ) -> list[TokenLogprob | None] | None:
         """Start a sequence in a slot. Its pointers go back to 0 (whatever an earlier
         sequence left there is stale and never read) and its prompt, all but the
-        last token, is prefilled on that slot alone: eager, its shape is one-off."""
+        last token, is prefilled on that slot alone: eager, its shape is one-off.
+        logprobs=N: each round reports its tokens' log-probabilities with N
+        alternatives. prompt_logprobs=N: the prefill computes logits too and this
+        returns the prompt tokens' (the first has none: nothing predicts it)."""
         self.seqs[slot], self.params[slot], self.generators[slot] = list(prompt), params, generator
+        self.top[slot] = logprobs
+        self.counts[slot] = torch.zeros(self.model.config.vocab_size) if params.penalised else None
         self.cache.set_lengths(slot, [0])
-        prefill_row(self.model, self.cache, slot, prompt[:-1])
+        scored = None
+        if prompt_logprobs is None:
+            prefill_row(self.model, self.cache, slot, prompt[:-1])
+        else:
+            scored = [None]
+            for lo in range(0, len(prompt) - 1, PROMPT_SCORE_CHUNK):
+                part = prompt[lo : min(lo + PROMPT_SCORE_CHUNK, len(prompt) - 1)]
+                rows = [part if b == slot else [] for b in range(self.cache.batch)]
+                logits = forward_rows(self.model, self.cache, rows)[slot, : len(part)]  # [len(part), V]
+                scored += score(logits, prompt[lo + 1 : lo + 1 + len(part)], prompt_logprobs)
         if self.drafter is not None:
             self.drafter.rewind([0 if b == slot else len(s) for b, s in enumerate(self.seqs)])
+        return scored
 
     def round(self, ks: list[int | None]) -> list[Round | None]:
         """Draft up to ks[b] tokens per slot, verify all slots in one forward, commit,
@@ -121,13 +148,20 @@ class Decoder:
                 n_valid.append(int(self.cache.lengths[b]))
                 continue
             lg = logits[b, : len(row)]  # [k+1, V]
+            # The acceptance rule compares against the adjusted target, position by position.
+            adj = adjust_logits(lg, self.params[b], self.counts[b], prop.tokens)
             if self.params[b].greedy:
-                n_acc, tok = accept_greedy(prop.tokens, lg)
+                n_acc, tok = accept_greedy(prop.tokens, adj)
             else:
-                n_acc, tok = accept_sampled(prop.tokens, prop.probs, lg, self.params[b], self.generators[b])
+                n_acc, tok = accept_sampled(prop.tokens, prop.probs, adj, self.params[b], self.generators[b])
             n_valid.append(len(self.seqs[b]) + n_acc)  # valid cache prefix: committed + accepted
-            self.seqs[b] += [*prop.tokens[:n_acc], tok]
-            out.append(Round(prop.tokens, n_acc, tok))
+            new = [*prop.tokens[:n_acc], tok]
+            self.seqs[b] += new
+            if self.counts[b] is not None:
+                for t in new:
+                    self.counts[b][t] += 1
+            scored = score(lg[: n_acc + 1], new, self.top[b]) if self.top[b] is not None else None
+            out.append(Round(prop.tokens, n_acc, tok, scored))
         self.cache.truncate(n_valid)
         if self.drafter is not None:
             self.drafter.rewind(n_valid)
@@ -221,6 +255,11 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     graphs: bool | None = None,
     draft_vocab: int | None = None,
+    logit_bias: dict[int, float] | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> Generation | list[Generation]:
     """Generate up to max_new_tokens after prompt_ids.
 
@@ -242,20 +281,37 @@ def generate(
     draft_vocab=N restricts a draft model's head to ids below N and
     <|endoftext|> (FR-Spec): cheaper draft steps, the output unchanged.
 
+    logit_bias ({id: value}), presence_penalty and frequency_penalty adjust the
+    target's logits as OpenAI's API does, before greedy choice or sampling;
+    speculation compares against the adjusted target, so the output is still
+    what plain decoding with the same adjustments gives. logprobs=N fills each
+    result's `logprobs` (TokenLogprob per generated token, N alternatives) and
+    prompt_logprobs=N its `prompt_logprobs`; both are the raw log-softmax of the
+    target's logits (sybil.logprobs). With prompt_logprobs, max_new_tokens may be
+    0: the prompt is scored and nothing generated.
+
     graphs replays the fixed-shape steps (decode, draft, verify) as CUDA graphs;
     None turns them on when the model is on a CUDA device. On a CPU, True runs
     the same fixed-shape steps eagerly.
     """
+    bias = tuple(sorted((int(t), float(v)) for t, v in (logit_bias or {}).items()))
+    bad = [t for t, _ in bias if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise SybilError(f"logit_bias names token {bad[0]}, outside the vocabulary 0..{model.config.vocab_size - 1}")
+    for name, top in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if top is not None and not 0 <= top <= MAX_TOP:
+            raise SybilError(f"{name} must be between 0 and {MAX_TOP}, got {top}")
     try:
-        params = SamplingParams(temperature, top_k, top_p)
+        params = SamplingParams(temperature, top_k, top_p, bias, presence_penalty, frequency_penalty)
     except ValueError as e:
         raise SybilError(str(e)) from None
     batched = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
     prompts = list(prompt_ids) if batched else [prompt_ids]
     max_new = _per_row(max_new_tokens, len(prompts), "max_new_tokens")
     seeds = _per_row(seed, len(prompts), "seed")
-    if any(not isinstance(m, int) or m < 1 for m in max_new):
-        raise SybilError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    least = 0 if prompt_logprobs is not None else 1
+    if any(not isinstance(m, int) or m < least for m in max_new):
+        raise SybilError(f"max_new_tokens must be at least {least}, got {max_new_tokens}")
     if draft is not None:
         _parse_k(k, model.config.n_positions)  # a bad k is an error before any work
 
@@ -279,7 +335,8 @@ def generate(
     drafter = make_drafter(draft, model, params, max_len, len(live), graphs, draft_vocab)
     batch = Batch(model, len(live), max_len, drafter, k, graphs)
     for slot, i in enumerate(live):
-        batch.add(slot, outs[i], max_new[i], params, seeds[i], stop_at_eos)
+        batch.add(slot, outs[i], max_new[i], params, seeds[i], stop_at_eos, logprobs=logprobs,
+                  prompt_logprobs=prompt_logprobs)
     while batch.active:
         for c in batch.step():
             for t in c.tokens if on_token else ():
@@ -301,6 +358,7 @@ class Committed:
     out: Generation  # finish_reason set when the row ended this round
     drafted: int
     accepted: int  # how many of tokens were drafts
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the row asked for them
 
 
 @dataclass
@@ -345,16 +403,24 @@ class Batch:
 
     def add(
         self, slot: int, out: Generation, max_new: int, params: SamplingParams, seed: int | None,
-        stop_at_eos: bool = True,
+        stop_at_eos: bool = True, *, logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> None:
         """Start out (its prompt checked by the caller) in a free slot: it takes part
-        from the next step on."""
+        from the next step on. logprobs=N fills out.logprobs as tokens are committed
+        and prompt_logprobs=N out.prompt_logprobs now (N alternatives each). With
+        max_new 0 the prompt is only scored: out ends at once and the slot stays free."""
         if self.rows[slot] is not None:
             raise ValueError(f"slot {slot} is busy")
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.dec.add(slot, out.prompt_ids, params, gen)
-        self.rows[slot] = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start)
+        out.prompt_logprobs = self.dec.add(slot, out.prompt_ids, params, gen, logprobs, prompt_logprobs)
+        out.logprobs = [] if logprobs is not None else None
+        row = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start)
+        if max_new == 0:
+            row.first_s = time.perf_counter() - start
+            out.finish_reason, out.stats = "length", self._stats(row, row.first_s)
+            return
+        self.rows[slot] = row
 
     def remove(self, slot: int) -> None:
         """Drop a row (cancelled): its slot is free for the next add."""
@@ -410,12 +476,15 @@ class Batch:
                 if out.finish_reason:
                     break
             out.tokens += new
+            scored = rnd.logprobs[: len(new)] if rnd.logprobs is not None else None
+            if scored is not None:
+                out.logprobs += scored
             if row.first_s is None:
                 row.first_s, row.first_n = now - row.start, len(out.tokens)
             if out.finish_reason:
                 out.stats = self._stats(row, now - row.start)
                 rows[b] = None
-            results.append(Committed(b, new, out, len(rnd.drafts), min(rnd.n_accepted, len(new))))
+            results.append(Committed(b, new, out, len(rnd.drafts), min(rnd.n_accepted, len(new)), scored))
         return results
 
     @staticmethod
