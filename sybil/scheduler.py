@@ -22,6 +22,7 @@ import torch
 from sybil.drafters import Drafter
 from sybil.engine import Batch, Generation, make_drafter
 from sybil.errors import SybilError
+from sybil.logprobs import TokenLogprob
 from sybil.model import GPT
 from sybil.sampling import SamplingParams
 
@@ -29,7 +30,9 @@ from sybil.sampling import SamplingParams
 @dataclass
 class Event:
     """What one round did for one job. finish_reason is set on its last event:
-    "eos", "length", "context" (from the engine), "cancelled" or "error"."""
+    "eos", "length", "context" (from the engine), "cancelled" or "error". A job
+    that asked for its prompt's log-probabilities gets them in a first event
+    without tokens."""
 
     tokens: list[int]
     drafted: int = 0
@@ -37,16 +40,20 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     time: float = field(default_factory=time.perf_counter)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the job asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
 class Job:
     prompt: list[int]  # checked by the caller: non-empty, in the vocabulary, fits the context with max_tokens
-    max_tokens: int
+    max_tokens: int  # 0: score the prompt only (prompt_logprobs set)
     params: SamplingParams
     seed: int | None = None  # None: a fresh random seed when sampling
     stop_at_eos: bool = True
     emit: Callable[[Event], None] = lambda event: None
+    logprobs: int | None = None  # report each token's log-probability with this many alternatives
+    prompt_logprobs: int | None = None  # and the prompt's
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -184,10 +191,19 @@ class Scheduler:
         seed = job.seed
         if seed is None and not job.params.greedy:
             seed = secrets.randbits(63)
+        out = Generation(prompt_ids=job.prompt)
         try:
-            self.batch.add(slot, Generation(prompt_ids=job.prompt), job.max_tokens, job.params, seed, job.stop_at_eos)
+            self.batch.add(slot, out, job.max_tokens, job.params, seed, job.stop_at_eos,
+                           logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs)
         except Exception as e:  # a bug, not bad input (the HTTP layer checked it): fail this job only
             self._fail(slot, job, e)
+            return
+        if out.prompt_logprobs is not None:
+            job.emit(Event([], prompt_logprobs=out.prompt_logprobs))
+        if out.finish_reason:  # scored only: the slot was never taken
+            with self.cond:
+                self.jobs[slot] = None
+            job.emit(Event([], finish_reason=out.finish_reason))
 
     def _step(self) -> None:
         try:
@@ -203,7 +219,7 @@ class Scheduler:
             job = self.jobs[c.slot]
             if job is None:
                 continue
-            job.emit(Event(c.tokens, c.drafted, c.accepted, c.out.finish_reason or None))
+            job.emit(Event(c.tokens, c.drafted, c.accepted, c.out.finish_reason or None, logprobs=c.logprobs))
             if c.out.finish_reason:
                 with self.cond:
                     self.jobs[c.slot] = None
