@@ -147,3 +147,22 @@ def noisy_checkpoint(tmp_path_factory, hf_checkpoint):
     save_file(t, out / "model.safetensors")
     shutil.copy(src / "config.json", out / "config.json")
     return out
+
+
+def reference_greedy(hf, prompt: list[int], n: int, logit_bias: dict[int, float] | None = None,
+                     presence: float = 0.0, frequency: float = 0.0) -> list[int]:
+    """Greedy decoding with OpenAI's logit adjustments, written out: the reference model
+    scores the whole sequence each step, logit_bias is added, and each token's penalty
+    is presence * (count > 0) + frequency * count over the tokens generated so far."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = hf(torch.tensor([seq])).logits[0, -1].double()
+            for t, v in (logit_bias or {}).items():
+                logits[t] += v
+            for t in set(out):
+                logits[t] -= presence + frequency * out.count(t)
+            tok = int(logits.argmax())
+            out.append(tok)
+            seq.append(tok)
+    return out
