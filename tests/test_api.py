@@ -285,3 +285,121 @@ def test_overflow_gets_429_while_accepted_requests_finish(tmp_path, ckpts, local
                 assert r.json()["choices"][0]["text"] == want
     finally:
         assert srv.stop() == 0
+
+
+# ---- the evaluation fields: logprobs, echo, n, logit_bias, penalties, stops; the tokenizer routes
+
+def plain(local, ids, n, **kw):
+    """The target alone (no draft), greedy unless told: what speculation must reproduce."""
+    return sybil.generate(local[0], ids, n, **kw)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(client, ckpts, local):
+    from conftest import hf_model
+
+    ids = encode(PROMPTS[5] + " Paris, and the capital of Spain is")
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=3)
+    c = r.choices[0]
+    gen = plain(local, ids, 3, logprobs=3)
+    assert c.text == decode(ids) + decode(gen.tokens)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 3
+    assert lp.tokens == [decode([t]) for t in ids + gen.tokens]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = torch.log_softmax(hf_model(ckpts[0])(torch.tensor([ids + gen.tokens])).logits[0].double(), -1)
+    for j in range(1, len(ids) + 3):
+        assert abs(lp.token_logprobs[j] - float(ref[j - 1, (ids + gen.tokens)[j]])) < 1e-4
+        assert len(lp.top_logprobs[j]) <= 4 and lp.tokens[j] in lp.top_logprobs[j]
+    # the generated tokens' numbers are plain decoding's, exactly, though the server drafts
+    assert lp.token_logprobs[len(ids):] == [e.logprob for e in gen.logprobs]
+    assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(lp.tokens))]
+
+
+def test_echo_with_max_tokens_0_returns_the_prompt_and_its_logprobs_only(server):
+    ids = encode(PROMPTS[2])
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json={"prompt": [ids, encode(PROMPTS[3])], "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    assert [c["text"] for c in r["choices"]] == [PROMPTS[2], PROMPTS[3]]
+    first = r["choices"][0]["logprobs"]
+    assert len(first["token_logprobs"]) == len(ids) and first["token_logprobs"][0] is None
+    assert all(len(top) == 1 for top in first["top_logprobs"][1:])  # logprobs 0: the chosen token only
+    assert r["usage"]["completion_tokens"] == 0 and r["choices"][0]["finish_reason"] == "length"
+    # the whole context may be prompt when nothing is generated
+    full = httpx.post(server.url + "/v1/completions", timeout=60,
+                      json={"prompt": [1] * CONTEXT, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert full.status_code == 200 and len(full.json()["choices"][0]["logprobs"]["tokens"]) == CONTEXT
+
+
+def test_a_stream_with_logprobs_carries_the_same_numbers(client, local):
+    ids = encode(PROMPTS[0])
+    chunks = list(client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0, stream=True,
+                                            logprobs=2, echo=True, extra_body={"ignore_eos": True}))
+    gen = plain(local, ids, 12, logprobs=2, prompt_logprobs=2, stop_at_eos=False)
+    assert "".join(c.choices[0].text for c in chunks) == decode(ids) + decode(gen.tokens)
+    lps = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert lps == [None] + [e.logprob for e in gen.prompt_logprobs[1:]] + [e.logprob for e in gen.logprobs]
+    offsets = [v for c in chunks for v in c.choices[0].logprobs.text_offset]
+    assert offsets == sorted(offsets) and offsets[len(ids)] == len(decode(ids))
+
+
+def test_n_choices_are_prompt_major_and_a_seed_reproduces_them(client, local):
+    kw = dict(model=NAME, prompt=[PROMPTS[1], PROMPTS[9]], max_tokens=10, temperature=0.9, n=3, seed=21,
+              extra_body={"ignore_eos": True})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == list(range(6))
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices[:3]}) > 1  # each choice draws its own sample
+    # choice 0 of each prompt is the request's seed itself: a plain seeded request
+    assert a.choices[0].text == solo(local, encode(PROMPTS[1]), 10, temperature=0.9, seed=21, ignore_eos=True)[0]
+    assert a.choices[3].text == solo(local, encode(PROMPTS[9]), 10, temperature=0.9, seed=21, ignore_eos=True)[0]
+    assert a.usage.completion_tokens == 60
+    assert a.usage.prompt_tokens == len(encode(PROMPTS[1])) + len(encode(PROMPTS[9]))
+
+
+def test_logit_bias_and_penalties_through_the_server_equal_the_reference_loop(client, ckpts):
+    from conftest import hf_model, reference_greedy
+
+    hf = hf_model(ckpts[0])
+    ids = encode(PROMPTS[6])
+    for bias, presence, frequency in (({"13": 5.0, "198": -100}, 0.0, 0.0), ({}, 1.2, 0.8), ({"262": 3}, -0.5, 2.0)):
+        r = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0, logit_bias=bias,
+                                      presence_penalty=presence, frequency_penalty=frequency,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        want = reference_greedy(hf, ids, 12, {int(t): v for t, v in bias.items()}, presence, frequency)
+        assert r.choices[0].model_extra["token_ids"] == want
+
+
+def test_any_number_of_stop_strings(client, local):
+    ids = encode(PROMPTS[4])
+    text, _, _ = solo(local, ids, 30, temperature=0, ignore_eos=True)
+    stops = ["\x00never", "zzzq", "##", "qqq", "never-seen", text[7:9]]
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=30, temperature=0, stop=stops,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == text[: text.find(text[7:9])] and r.choices[0].finish_reason == "stop"
+
+
+def test_neutral_values_mean_not_set(client, local):
+    """What langchain-openai always sends."""
+    r = client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0, n=1, best_of=1,
+                                  presence_penalty=0, frequency_penalty=0, logit_bias={}, logprobs=None,
+                                  extra_body={"some_unknown_field": 3})
+    assert r.choices[0].text == solo(local, encode(PROMPTS[3]), 6, temperature=0)[0]
+    assert r.choices[0].logprobs is None
+
+
+def test_tokenizer_routes(server):
+    text = "Hello world<|endoftext|> naïve café"
+    t = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert t == {"count": len(encode(text)), "max_model_len": CONTEXT, "tokens": encode(text)}
+    assert EOT_ID in t["tokens"]
+    d = httpx.post(server.url + "/detokenize", json={"tokens": t["tokens"]}).json()
+    assert d == {"prompt": text}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert (info["eos_token"], info["eos_token_id"], info["model_max_length"]) == ("<|endoftext|>", EOT_ID, CONTEXT)
+    assert info["tokenizer_class"]
+    for body in ({"tokens": [50257]}, {"tokens": [-1]}, {"tokens": ["a"]}, {"tokens": [1.5]}):
+        r = httpx.post(server.url + "/detokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", body
+    r = httpx.post(server.url + "/tokenize", json={"prompt": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x", "model": "gpt-4"}).status_code == 404
