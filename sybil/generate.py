@@ -38,6 +38,14 @@ def _k(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--k takes a positive integer or 'auto', got {text!r}") from None
 
 
+def _bias(text: str) -> tuple[int, float]:
+    try:
+        token, value = text.split(":")
+        return int(token), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--logit-bias takes ID:VALUE, e.g. 198:-100, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m sybil.generate", description="Generate text with GPT-2.")
     p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
@@ -69,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-vocab", type=int, default=None, metavar="N",
         help="draft from token ids below N and <|endoftext|> only (a cheaper draft head; output unchanged)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each generated token's log-probability and its N most likely alternatives")
+    p.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID:VALUE",
+                   help="add VALUE (-100..100) to token ID's logit before choosing; repeatable")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2..2 (0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2..2 (0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
     p.add_argument("--stats", action="store_true", help="print a one-line telemetry summary to stderr")
     return p
 
@@ -116,6 +130,9 @@ def _record(out: engine.Generation, dtype: torch.dtype, device: torch.device) ->
         "device": str(device),
         **out.stats,
     }
+    if out.logprobs is not None:
+        record["logprobs"] = [{"token": e.token, "logprob": e.logprob, "top": [[t, lp] for t, lp in e.top]}
+                              for e in out.logprobs]
     if out.error:
         record["error"] = out.error
     return record
@@ -131,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise SybilError("give a prompt with --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE")
     batched = len(prompts) > 1
+    if args.logprobs is not None and not args.json:
+        raise SybilError("--logprobs is printed with --json; add --json")
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
     if args.dtype == "auto":
@@ -160,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         on_token=on_token,
         draft_vocab=args.draft_vocab,
+        logit_bias=dict(args.logit_bias or []),
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logprobs=args.logprobs,
     )
     outs = result if batched else [result]
     for i, out in enumerate(outs):

@@ -166,3 +166,21 @@ def reference_greedy(hf, prompt: list[int], n: int, logit_bias: dict[int, float]
             out.append(tok)
             seq.append(tok)
     return out
+
+
+def hf_sliding(hf, ids: list[int], context: int, stride: int) -> tuple[float, int]:
+    """The Hugging Face perplexity guide's strided loop, written out with the reference
+    model: (summed negative log-likelihood, tokens scored); each window scores the
+    tokens no earlier window scored."""
+    nll, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + context, len(ids))
+            lp = torch.log_softmax(hf(torch.tensor([ids[begin:end]])).logits[0].double(), -1)
+            for j in range(max(prev_end, begin + 1), end):
+                nll -= float(lp[j - begin - 1, ids[j]])
+                count += 1
+            prev_end = end
+            if end == len(ids):
+                break
+    return nll, count

@@ -61,6 +61,11 @@ def test_eos_stops_generation_and_is_reported(eos_checkpoint):
         (["--prompt", "hi", "--device", "cuda"], "no CUDA device"),
         (["--prompt", "hi", "--no-such-flag"], "unrecognized arguments"),
         ([], "give a prompt"),
+        (["--prompt", "hi", "--logit-bias", "13"], "ID:VALUE"),
+        (["--prompt", "hi", "--logit-bias", "50257:1"], "outside the vocabulary"),
+        (["--prompt", "hi", "--presence-penalty", "2.5"], "presence_penalty"),
+        (["--prompt", "hi", "--logprobs", "3"], "add --json"),
+        (["--prompt", "hi", "--logprobs", "21", "--json"], "between 0 and 20"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(small, args, message, capsys):
@@ -141,3 +146,20 @@ def test_bad_quantize_and_draft_vocab_are_one_line_errors(small, args, message):
     r = _run("--model", small, "--prompt", "hi", *[small if a == "SMALL" else a for a in args])
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr
+
+
+def test_cli_logprobs_and_adjustments_are_the_apis(small):
+    import torch
+
+    import sybil
+
+    r = _run("--model", small, "--prompt", "Hello there", "--max-new-tokens", "6", "--json", "--logprobs", "2",
+             "--logit-bias", "13:4", "--logit-bias", "11:-100", "--frequency-penalty", "1.5", "--ignore-eos",
+             "--draft", "ngram", "--k", "3")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    out = sybil.generate(sybil.load_model(small, torch.float32), encode("Hello there"), 6, logprobs=2,
+                         logit_bias={13: 4, 11: -100}, frequency_penalty=1.5, stop_at_eos=False)
+    assert rec["tokens"] == out.tokens and 11 not in out.tokens
+    assert rec["logprobs"] == [{"token": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]}
+                               for e in out.logprobs]

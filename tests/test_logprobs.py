@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sybil
-from conftest import hf_model, noisy_copy, reference_greedy
+from conftest import hf_model, hf_sliding, noisy_copy, reference_greedy
 from sybil.logprobs import sliding_nll, windows
 from sybil.tokenizer import encode
 
@@ -39,22 +39,6 @@ def test_windows_score_every_token_but_the_first_exactly_once(n, context, stride
 def test_windows_refuse_a_stride_that_is_not_below_the_context(stride):
     with pytest.raises(ValueError, match="stride"):
         windows(20, 8, stride)
-
-
-def hf_sliding(hf, ids, context, stride):
-    """The guide's loop, written out: (summed NLL, tokens scored)."""
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        logits = hf(torch.tensor([ids[begin:end]])).logits[0].double()
-        lp = torch.log_softmax(logits, -1)
-        for j in range(max(prev_end, begin + 1), end):  # tokens no earlier window scored
-            nll -= float(lp[j - begin - 1, ids[j]])
-            count += 1
-        prev_end = end
-        if end == len(ids):
-            break
-    return nll, count
 
 
 @pytest.mark.parametrize("context, stride, batch", [(64, 32, 1), (64, 48, 3), (256, 100, 2)])
