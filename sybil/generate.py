@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sybil import engine
+from sybil import engine, native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.loader import load_draft, load_model, resolve_device, resolve_dtype
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for Sybil's kernels (default: SYBIL_THREADS, else torch's count, the cores)")
     p.add_argument(
         "--quantize", choices=["none", "int8"], default="none",
         help="int8: weight-only int8 linears and head, quantized at load (CPU); --dtype is then the compute dtype",
@@ -139,6 +141,8 @@ def _record(out: engine.Generation, dtype: torch.dtype, device: torch.device) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        native.set_threads(args.threads)
     if args.prompts_file is not None:
         prompts = read_prompts_file(args.prompts_file)
     elif args.prompt_ids is not None:

@@ -8,6 +8,11 @@ no pybind, no Python headers: a plain `g++ -shared` of one file.
 They need AVX2 and FMA, read from the CPU's flags, never assumed. Where those,
 or a compiler, are missing, `available()` is False with the reason, and
 sybil.matmul falls back to torch's own ops (still exact, slower).
+
+Their parallel regions run on Sybil's own thread pool (csrc/pool.h says why), of
+`threads()` threads: SYBIL_THREADS, else torch's count (which follows
+OMP_NUM_THREADS and the CPUs this process may use). Once they load, torch's own
+intra-op pool is set to one thread (see _load); set_threads(n) sizes Sybil's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,38 @@ from pathlib import Path
 import torch
 
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+SOURCES = ("kernels.cpp", "pool.h")  # what the build reads: all of it keys the cached library
+
+
+def threads() -> int:
+    """The kernels' thread count: SYBIL_THREADS if set, else torch's."""
+    env = os.environ.get("SYBIL_THREADS")
+    if env is not None:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            from sybil.errors import SybilError
+
+            raise SybilError(f"SYBIL_THREADS must be a positive integer, got {env!r}")
+        return n
+    return torch.get_num_threads()
+
+
+def set_threads(n: int) -> None:
+    """Use n threads for Sybil's kernels (--threads); torch's ops get n too until the
+    kernels load (and wherever they cannot)."""
+    if n < 1:
+        from sybil.errors import SybilError
+
+        raise SybilError(f"--threads must be at least 1, got {n}")
+    os.environ["SYBIL_THREADS"] = str(n)
+    loaded = _load.cache_info().currsize and available()
+    if loaded:
+        torch.ops.sybil.set_threads(n)
+    if not loaded or os.environ.get("SYBIL_POOL") == "openmp":
+        torch.set_num_threads(n)
 
 
 def cpu_flags() -> set[str]:
@@ -81,11 +118,11 @@ def _load() -> str | None:
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     src = resources.files("sybil").joinpath("csrc/kernels.cpp")
-    code = src.read_bytes()
+    code = b"".join(resources.files("sybil").joinpath(f"csrc/{f}").read_bytes() for f in SOURCES)
     key = hashlib.sha256(code + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"sybil_kernels_{key}.so"
     if not lib.is_file():
-        print("sybil: compiling the CPU kernels once for this machine (about a minute)", file=sys.stderr)
+        print("sybil: compiling the CPU kernels once for this machine (about 30 s)", file=sys.stderr)
         t = time.perf_counter()
         try:
             with resources.as_file(src) as path:
@@ -94,6 +131,14 @@ def _load() -> str | None:
             return str(e)
         print(f"sybil: kernels built in {time.perf_counter() - t:.0f} s ({lib})", file=sys.stderr)
     torch.ops.load_library(str(lib))
+    n = threads()
+    torch.ops.sybil.set_threads(n)
+    if os.environ.get("SYBIL_POOL") != "openmp":
+        # Every matmul and attention now runs on Sybil's pool; torch's own OpenMP
+        # workers would only serve the few large elementwise ops of a step (a copy
+        # of the logits, an argmax) and then spin, competing with the pool's helper
+        # for its core: int8 gpt2-medium decoded at 0.75x with them (same process A/B).
+        torch.set_num_threads(1)
     return None
 
 

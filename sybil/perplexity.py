@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sybil import native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.loader import load_model, resolve_device, resolve_dtype
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="full windows per forward (default 1)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, auto")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for Sybil's kernels (default: SYBIL_THREADS, else torch's count, the cores)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 linears and head (CPU)")
     p.add_argument("--json", action="store_true",
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise SybilError(f"the text is {len(ids)} token; perplexity needs at least 2 (the first is never scored)")
     if args.batch < 1:
         raise SybilError(f"--batch must be at least 1, got {args.batch}")
+    if args.threads is not None:
+        native.set_threads(args.threads)
     if args.context is not None:  # a bad --stride fails before the model loads
         _windows(len(ids), args.context, args.stride)
     device = resolve_device(args.device)

@@ -17,6 +17,7 @@ import threading
 import torch
 import uvicorn
 
+from sybil import native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.generate import _k
@@ -33,6 +34,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="draft from ids below N only")
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for Sybil's kernels (default: SYBIL_THREADS, else torch's count, the cores)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 (CPU)")
     p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="auto",
                    help="the draft's weights (auto: int8 on the CPU; the output is the target's either way)")
@@ -81,6 +84,8 @@ def run(args) -> int:
         raise SybilError("--shutdown-grace must be >= 0")
     if not 0 <= args.port <= 65535:
         raise SybilError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads is not None:
+        native.set_threads(args.threads)
     sock = bind(args.host, args.port)  # before loading: a taken port fails fast
     device = resolve_device(args.device)
     dtype, _ = resolve_dtype(args.dtype, device)

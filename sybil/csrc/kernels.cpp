@@ -14,9 +14,10 @@
 // Needs AVX2 and FMA (sybil/native.py checks the CPU before building).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+
+#include "pool.h"  // every parallel region here runs on Sybil's pool: pool.h says why
 
 #include <cmath>
 #include <cstdint>
@@ -108,8 +109,9 @@ void linear_impl(const float* x, int64_t M, int64_t K, const W* w, bool packed, 
   const int64_t blocks = (N + NBLOCK - 1) / NBLOCK;
   // Enough weights per task that thread start-up stays small next to the reads.
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / (NBLOCK * std::max<int64_t>(K, 1)));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(M_CHUNK * NBLOCK * 8);
+  sybil::Pool::get().run(blocks, grain, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> acc;
+    acc.resize(M_CHUNK * NBLOCK * 8);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NBLOCK, nb = std::min(NBLOCK, N - n0);
       const W* wb = w + b * NBLOCK * K;
@@ -291,8 +293,9 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at
   // row and head run one after another, so that head's keys and values are read
   // from memory once and from cache by the rest (a verify's queries cost little
   // more than a step's). Each query's sums are the same whatever the order.
-  at::parallel_for(0, B * Tn * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(L);
+  sybil::Pool::get().run(B * Tn * H, 1, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;
+    scores.resize(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % Tn, bh = i / Tn, h = bh % H, b = bh / H, bt = b * Tn + t;
       const int64_t p = pp[bt];
@@ -372,7 +375,14 @@ at::Tensor blocks(const at::Tensor& x_in, const at::Tensor& kc, const at::Tensor
 
 }  // namespace
 
+// The pool's size: what --threads / SYBIL_THREADS ask for (sybil.native sets it at load).
+int64_t set_threads(int64_t n) {
+  sybil::Pool::get().set_threads(static_cast<int>(n));
+  return sybil::Pool::get().threads();
+}
+
 TORCH_LIBRARY(sybil, m) {
+  m.def("set_threads(int n) -> int", &set_threads);
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
   m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head) -> Tensor", &attend);
   m.def("blocks(Tensor x, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, float eps, Tensor?[] params) -> Tensor",
