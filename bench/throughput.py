@@ -30,6 +30,7 @@ from sybil.kv_cache import KVCache
 from sybil import memory, native
 from sybil.loader import check_quantize, resolve_device, resolve_draft_quantize, resolve_dtype
 from sybil.adaptive import expected_tokens
+from sybil.drafters import weight_bytes
 
 STEP_TOKENS = (1, 2, 4, 5, 8)
 
@@ -69,13 +70,6 @@ def read_bandwidth_gbps(mb: int = 1024, repeats: int = 7) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / min(times) / 1e9
-
-
-def weight_bytes(model: sybil.GPT) -> int:
-    """Bytes read per decoded token: every weight once, int8 ones and their scales
-    included (wpe only one row, so not counted)."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    return sum(p.numel() * p.element_size() for n, p in tensors if n != "wpe.weight")
 
 
 def _sync(device: torch.device) -> None:

@@ -42,8 +42,13 @@ class AdaptiveK:
     # gap), and what it finds can only pay on the tokens left: it runs only while at
     # least as many tokens are left as the gap.
 
-    def __init__(self, k_max: int = K_MAX, decay: float = 0.9, prior_alpha: float = 0.5) -> None:
+    def __init__(self, k_max: int = K_MAX, decay: float = 0.9, prior_alpha: float = 0.5,
+                 draft_prior: float = 1.0) -> None:
         self.k_max = k_max
+        # a draft step in target steps until one is measured: the drafter's own guess
+        # (Drafter.cost_prior: 0 for a lookup that runs no model, the weight ratio for a
+        # model); 1.0, a target step, where nothing better is known, so never free
+        self.draft_prior = draft_prior
         self.decay = decay
         self.hits, self.misses = prior_alpha, 1.0 - prior_alpha  # pseudo-counts of one round
         self.step_s: float | None = None  # a one-token target forward, seconds
@@ -68,8 +73,8 @@ class AdaptiveK:
 
     def rate(self, k: int) -> float:
         """Expected committed tokens per step's worth of time for a window of k. A draft
-        step not yet measured is priced as a target step: never as free."""
-        draft = self.draft_ratio if self.draft_ratio is not None else 1.0
+        step not yet measured is priced at the drafter's prior (draft_prior)."""
+        draft = self.draft_ratio if self.draft_ratio is not None else self.draft_prior
         return expected_tokens(self.alpha, k) / (self.verify_cost(k + 1) + k * draft)
 
     def choose(self, room: int) -> int:

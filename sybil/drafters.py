@@ -41,6 +41,8 @@ class Drafter(Protocol):
         """Only the first n_valid[b] tokens of what row b last saw and proposed still
         stand (0 when the row starts a new sequence)."""
 
+    # Optional: cost_prior, a draft step in target steps before any is measured (k="auto").
+
 
 class ModelDrafter:
     """Drafts with a (smaller) GPT-2 and its own KV cache, all rows in lockstep.
@@ -71,6 +73,7 @@ class ModelDrafter:
         self.model = model
         self.params = params
         self.min_confidence = min_confidence
+        self.cost_prior = 1.0  # a target step, until make_drafter sets the weight ratio
         self.vocab = vocab
         self.catchup_s = 0.0  # seconds of the last proposal's catch-up forwards (0 if none ran)
         self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
@@ -136,9 +139,18 @@ class ModelDrafter:
         self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))
 
 
+def weight_bytes(model: GPT) -> int:
+    """Bytes read per decoded token: every weight once (named_parameters counts the tied
+    head once), int8 ones and their scales included; wpe is read one row, so not counted."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sum(p.numel() * p.element_size() for n, p in tensors if n != "wpe.weight")
+
+
 class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the last n tokens and
     propose what followed it. No model; proposals are deterministic."""
+
+    cost_prior = 0.0  # a lookup in the committed tokens: next to a forward, free
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram = max_ngram

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from sybil.adaptive import AdaptiveK
-from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal
+from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal, weight_bytes
 from sybil.cuda_graphs import StepGraphs
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
@@ -211,7 +211,11 @@ def make_drafter(
             )
         if draft_vocab is not None and not 1 <= draft_vocab <= draft.config.vocab_size:
             raise SybilError(f"draft_vocab must be between 1 and {draft.config.vocab_size}, got {draft_vocab}")
-        return ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch, graphs=graphs, vocab=draft_vocab)
+        drafter = ModelDrafter(draft, params, min(max_len, draft.config.n_positions), batch, graphs=graphs,
+                               vocab=draft_vocab)
+        # decoding is memory-bound: a draft step costs about its share of the bytes read
+        drafter.cost_prior = min(1.0, weight_bytes(draft) / weight_bytes(target))
+        return drafter
     return draft  # any object with propose/rewind
 
 
@@ -391,6 +395,8 @@ class Batch:
         self.model = model
         self.k_max, self.controller = _parse_k(k, model.config.n_positions) if drafter is not None else (0, None)
         self.drafter = drafter
+        if self.controller is not None and self.controller.rounds == 0:
+            self.controller.draft_prior = getattr(drafter, "cost_prior", 1.0)
         self.dec = Decoder(model, slots, max_len, drafter, graphs)
         self.rows: list[_Row | None] = [None] * slots
 

@@ -141,3 +141,15 @@ def test_costs_are_relative_to_the_current_step():
     assert c.step_s == pytest.approx(1.5, rel=0.05)
     assert c.verify_cost(3) == pytest.approx(1.2)
     assert c.draft_ratio == pytest.approx(0.1)
+
+
+def test_each_drafter_brings_its_own_prior_cost():
+    """Before a draft step is measured it is priced at the drafter's prior: a lookup that
+    runs no model (0) drafts after a warm-up whose K=1 round found nothing to propose;
+    a draft priced as a target step does not."""
+    free, dear = AdaptiveK(k_max=8, draft_prior=0.0), AdaptiveK(k_max=8)
+    for c in (free, dear):
+        c.update(0, 0, 0.0, 1.0, 1)  # the plain step
+        c.update(0, 0, 0.0, 1.0, 1)  # the K=1 round: no n-gram matched, nothing drafted
+    assert free.choose(100) >= 1
+    assert dear.choose(100) == 0

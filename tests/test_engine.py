@@ -377,3 +377,16 @@ def test_a_removed_row_frees_its_slot_and_leaves_the_others_alone(spec):
     batch.add(1, Generation(prompt_ids=prompts[3]), 1, SamplingParams(), None)
     with pytest.raises(ValueError, match="busy"):
         batch.add(1, Generation(prompt_ids=prompts[4]), 1, SamplingParams(), None)
+
+
+def test_ngram_auto_drafts_on_repetitive_output(spec):
+    """The walkthrough's case: greedy output that loops, where `--k 4` with `ngram` accepts
+    most drafts. `auto` must draft too (an n-gram draft step is priced as free until
+    measured, not as a target step), and stay lossless."""
+    _, target, _, prompts, plain = spec
+    runs = [(sybil.generate(target, p, 40, draft="ngram", k=4, stop_at_eos=False), p) for p in prompts[:20]]
+    best, prompt = max(runs, key=lambda r: r[0].stats["accepted"])
+    assert best.stats["accepted"] >= 10  # the output repeats itself
+    auto = sybil.generate(target, prompt, 40, draft="ngram", k="auto", stop_at_eos=False)
+    assert auto.tokens == best.tokens
+    assert auto.stats["drafted"] >= 4 and auto.stats["accepted"] > 0
