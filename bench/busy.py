@@ -8,7 +8,8 @@ process (so thread pools start clean), engines take turns within each load, and
 decode speed is (n - 1) / (time for n tokens - time for 1), medians of --repeats.
 
 Rows: `sybil` (its kernels on Sybil's own thread pool), `sybil-openmp` (the same
-kernels with their regions on at::parallel_for, as before the pool: the A/B), and
+kernels with their regions on at::parallel_for, as before the pool: the A/B),
+`sybil-thread` (the same call as `sybil`, made from a threading.Thread), and
 `ct2` (CTranslate2, when installed, 2 threads, converted from the same weights).
 llama.cpp is not run here: it needs a built llama-bench and GGUF files.
 """
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per generation (64)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per measurement, median (3)")
     p.add_argument("--loads", default="0,1,2", help="busy processes per level, comma-separated (0,1,2)")
-    p.add_argument("--engines", default="sybil,sybil-openmp,ct2", help="rows (sybil,sybil-openmp,ct2)")
+    p.add_argument("--engines", default="sybil,sybil-openmp,ct2",
+                   help="rows: sybil, sybil-openmp, sybil-thread, ct2 (sybil,sybil-openmp,ct2)")
     p.add_argument("--precisions", default="float32,int8", help="float32 and/or int8 (both)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     p.add_argument("--worker", nargs=3, metavar=("ENGINE", "PRECISION", "DIR"), help=argparse.SUPPRESS)
@@ -71,6 +73,15 @@ def worker(engine: str, precision: str, folder: Path, n: int, repeats: int) -> f
 
         torch.set_grad_enabled(False)
         model = sybil.load_model(folder / "hf", torch.float32, quantize="int8" if precision == "int8" else None)
+        if engine == "sybil-thread":  # the same call from a threading.Thread (the walkthrough's main-thread anomaly)
+            import threading
+
+            out = []
+            t = threading.Thread(target=lambda: out.append(
+                _decode_rate(lambda m: sybil.generate(model, PROMPT, m, stop_at_eos=False), n, repeats)))
+            t.start()
+            t.join()
+            return out[0]
         return _decode_rate(lambda m: sybil.generate(model, PROMPT, m, stop_at_eos=False), n, repeats)
     import ctranslate2
 
@@ -139,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
         raise SybilError(f"--loads takes comma-separated integers, got {args.loads!r}") from None
     engines = [e for e in args.engines.split(",") if e]
     precisions = [p for p in args.precisions.split(",") if p]
-    if set(engines) - {"sybil", "sybil-openmp", "ct2"} or set(precisions) - {"float32", "int8"}:
-        raise SybilError("--engines takes sybil, sybil-openmp, ct2; --precisions float32, int8")
+    if set(engines) - {"sybil", "sybil-openmp", "sybil-thread", "ct2"} or set(precisions) - {"float32", "int8"}:
+        raise SybilError("--engines takes sybil, sybil-openmp, sybil-thread, ct2; --precisions float32, int8")
     if args.tokens < 2 or args.repeats < 1 or any(x < 0 for x in loads):
         raise SybilError("--tokens must be at least 2, --repeats at least 1, --loads non-negative")
     results: dict[tuple[str, str], dict[int, float]] = {}

@@ -95,15 +95,21 @@ class CT2Peer:
         return res[0].sequences_ids[0]
 
 
+def ct2_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("ctranslate2") is not None
+
+
 def ct2_peer(hf_model, dtype: torch.dtype, quantize: str | None) -> tuple[CT2Peer | None, str]:
     """The peer, or None and why not."""
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
+    if not ct2_installed():
         return None, "not installed (pip install -e '.[peers]')"
     if hf_model is None:
         return None, "needs transformers to convert the weights"
     try:
-        return CT2Peer(hf_model, str(dtype).removeprefix("torch."), quantize, torch.get_num_threads()), ""
+        from sybil import native
+
+        return CT2Peer(hf_model, str(dtype).removeprefix("torch."), quantize, native.threads()), ""
     except (RuntimeError, ValueError) as e:
         return None, str(e)

@@ -183,9 +183,9 @@ class SlotSimulatedDrafter(SimulatedDrafter):
         super().__init__(model, max_len, [[] for _ in range(slots)], acceptance, seed=0)
         self.table = table
 
-    def propose(self, seqs, ks, generators, params=None):
+    def propose(self, seqs, ks, seeds, params=None):
         self.oracles = [next((t for t in self.table if t[: len(s)] == s), []) for s in seqs]
-        return super().propose(seqs, ks, generators, params)
+        return super().propose(seqs, ks, seeds, params)
 
 
 def render(rows: list[dict], config: dict) -> str:

@@ -16,13 +16,14 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import sybil
-from bench.peers import ct2_peer
+from bench.peers import ct2_installed, ct2_peer
 from bench.workload import SimulatedDrafter, hf_mirror, load_prompts, random_model, real_model
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
@@ -70,6 +71,18 @@ def read_bandwidth_gbps(mb: int = 1024, repeats: int = 7) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / min(times) / 1e9
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's own intra-op threads set to n inside (Sybil sets them to 1 once its kernels
+    load; transformers and the bandwidth probe compute with torch's)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _sync(device: torch.device) -> None:
@@ -273,29 +286,36 @@ def parse_ks(text: str) -> list[int | str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="gpt2-medium")
-    p.add_argument("--draft", default="gpt2")
-    p.add_argument("--weights", choices=["real", "random"], default="real")
-    p.add_argument("--simulate-acceptance", type=float, default=None, metavar="A")
+    p.add_argument("--target", default="gpt2-medium", help="target preset (gpt2-medium)")
+    p.add_argument("--draft", default="gpt2", help="draft preset (gpt2)")
+    p.add_argument("--weights", choices=["real", "random"], default="real",
+                   help="real: checkpoints in weights/ (downloaded); random: random weights in the real shapes")
+    p.add_argument("--simulate-acceptance", type=float, default=None, metavar="A",
+                   help="the draft proposes the target's own token with probability A (its cost stays real); "
+                        "rows say SIMULATED")
     p.add_argument("--k", default="1,2,4,8,auto,auto-shared",
                    help="windows to run: integers, auto (a fresh controller per prompt), auto-shared (one "
                         "controller for all of the row's prompts, as the server keeps one)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="compute dtype for every engine (float32)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="the target's weights")
     p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="none",
                    help="the draft's weights (auto: int8 where the CPU kernels run)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="the draft's head covers ids below N and <|endoftext|> only")
     p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 row")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per prompt (64)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts from bench/prompts.json (4)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; rows report medians (3)")
     p.add_argument("--batch-sizes", default=None, metavar="B,..", help="also run batched rows, e.g. 1,4,8,16")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    p.add_argument("--plot", type=Path, default=None, help="a PNG of the rows (needs matplotlib)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
-    p.add_argument("--quick", action="store_true", help="2 prompts, 16 tokens, 1 repeat, K 1,4,auto")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for every engine (default: Sybil's, the cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute: 2 prompts x 32 tokens, 1 repeat, K 4 and auto-shared, an int8 draft "
+                        "with a reduced head (--draft-vocab 8192), no transformers-assisted or peer rows")
     return p
 
 
@@ -312,7 +332,7 @@ def render(rows: list[Row], floor: dict, step: dict, config: dict) -> str:
     head = f" (head: ids < {config['draft_vocab']} and <|endoftext|>)" if config["draft_vocab"] else ""
     lines.append(
         f"target {config['target']}{q(config['quantize'])}, draft {config['draft']}{q(config['draft_quantize'])}{head}, "
-        f"{config['dtype']} compute on {config['device']} ({config['threads']} threads, kernels: {config['kernels']}), "
+        f"{config['dtype']} compute on {config['device']} ({config['threads']} thread{'s' if config['threads'] != 1 else ''}, kernels: {config['kernels']}), "
         f"{config['prompts']} prompts x {config['max_new_tokens']} tokens, median of {config['repeats']}"
     )
     lines.append(
@@ -371,10 +391,18 @@ def plot(path: Path, rows: list[Row]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        native.set_threads(args.threads)
     if args.quick:
-        args.prompts, args.max_new_tokens, args.repeats = min(args.prompts, 2), 16, 1
+        # what the "which draft" table found pays: an int8 draft with a reduced head at K=4
+        args.prompts, args.max_new_tokens, args.repeats = min(args.prompts, 2), 32, 1
+        args.no_peers, args.no_hf_assisted = True, True
         if args.k == "1,2,4,8,auto,auto-shared":
-            args.k = "1,4,auto"
+            args.k = "4,auto-shared"
+        if args.draft_quantize == "none":
+            args.draft_quantize = "auto"
+        if args.draft_vocab is None:
+            args.draft_vocab = 8192
     ks = parse_ks(args.k)
     try:
         sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
@@ -413,9 +441,10 @@ def run(args: argparse.Namespace) -> int:
     hf_target = hf_draft = None
     if not args.no_hf and quantize is None:
         hf_target, hf_draft = hf_mirror(target), hf_mirror(draft)
-    ct2, ct2_note = None, "skipped (--no-peers)"
+    ct2, ct2_note = None, "skipped (--quick)" if args.quick else "skipped (--no-peers)"
     if not args.no_peers:
-        progress("converting the target for CTranslate2")
+        if ct2_installed():
+            progress("converting the target for CTranslate2")
         ct2, ct2_note = ct2_peer(hf_target if hf_target is not None else hf_mirror(target), dtype, quantize)
     if quantize:
         target.quantize_int8()
@@ -423,7 +452,8 @@ def run(args: argparse.Namespace) -> int:
         draft.quantize_int8()
 
     progress("measuring memory bandwidth and step costs")
-    bw = read_bandwidth_gbps() if device.type == "cpu" else _cuda_copy_bandwidth()
+    with torch_threads(native.threads()):  # torch's sum reads with every core
+        bw = read_bandwidth_gbps() if device.type == "cpu" else _cuda_copy_bandwidth()
     floor = {"read_GBps": bw, "weight_bytes": weight_bytes(target)}
     floor["floor_ms_per_token"] = floor["weight_bytes"] / (bw * 1e9) * 1000
     widths = sorted(set(STEP_TOKENS) | {k + 1 for k in ks if isinstance(k, int)})  # each verify width run
@@ -442,6 +472,9 @@ def run(args: argparse.Namespace) -> int:
         else:  # the process's high-water mark so far: this row's peak or an earlier one
             row.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(row)
+        if row.tokens_per_s is not None:
+            k = f" K={row.k}" if row.k is not None else ""
+            progress(f"  {row.name}{k}: {row.tokens_per_s:.1f} tokens/s")
 
     plain = sybil_runner(target, prompts, args.max_new_tokens, device=device)
     oracles = [o.tokens for o in plain()]  # also the plain row's warm-up
@@ -465,12 +498,16 @@ def run(args: argparse.Namespace) -> int:
         note = "skipped (--no-hf)" if args.no_hf else "n/a for int8" if quantize else "not installed"
         rows += [Row("hf-generate", None, None, note=note), Row("hf-assisted", "hf", None, note=note)]
     else:
-        progress("hf-generate")
-        add(run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device))
-        progress("hf-assisted (its acceptance is real, not simulated)")
-        row = run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device, hf_draft)
-        row.note = "real acceptance" + (" of random weights" if args.weights == "random" else "")
-        add(row)
+        with torch_threads(native.threads()):  # transformers computes with torch's own threads
+            progress("hf-generate")
+            add(run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device))
+            if getattr(args, "no_hf_assisted", False):
+                rows.append(Row("hf-assisted", "hf", None, note="skipped (--quick)"))
+            else:
+                progress("hf-assisted (its acceptance is real, not simulated)")
+                row = run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device, hf_draft)
+                row.note = "real acceptance" + (" of random weights" if args.weights == "random" else "")
+                add(row)
     if ct2 is None:
         rows.append(Row("ct2-generate", None, None, note=ct2_note))
     else:
@@ -496,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "target": args.target, "draft": args.draft, "weights": args.weights, "dtype": str(dtype).removeprefix("torch."),
         "device": str(device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-        "simulated_acceptance": args.simulate_acceptance, "threads": torch.get_num_threads(),
+        "simulated_acceptance": args.simulate_acceptance, "threads": native.threads(),
         "quantize": quantize, "draft_quantize": draft_quantize, "draft_vocab": args.draft_vocab,
         "kernels": "sybil C++ (AVX2)" if native.available() else f"torch ({native.why_unavailable()})",
     }

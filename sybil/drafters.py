@@ -1,8 +1,7 @@
 """Drafters propose tokens; they never decide what is kept (that is sybil.verify).
 
-A drafter sees the committed sequence, proposes up to k tokens with the
-distributions they were drawn from, and is told after verification how many
-committed tokens its state may keep.
+A drafter sees the committed sequence, proposes up to k tokens, and is told after
+verification how many committed tokens its state may keep.
 """
 
 from __future__ import annotations
@@ -16,14 +15,16 @@ import torch
 from sybil.cuda_graphs import StepGraphs
 from sybil.kv_cache import KVCache
 from sybil.model import GPT
-from sybil.sampling import SamplingParams, probs_from_logits, sample
+from sybil.sampling import SamplingParams, keyed_token, probs_from_logits
 from sybil.steps import forward_rows, last_logits, prefill_row
 
 
 @dataclass
 class Proposal:
+    """Drafted tokens. Every proposal is deterministic given the row's seed: a sampled
+    row drafts by its position-keyed noise, as the target chooses (sybil.verify)."""
+
     tokens: list[int]
-    probs: torch.Tensor | None  # [len(tokens), V] sampling distributions; None: deterministic
 
 
 class Drafter(Protocol):
@@ -31,11 +32,12 @@ class Drafter(Protocol):
         self,
         seqs: list[list[int]],
         ks: list[int],
-        generators: list[torch.Generator | None],
+        seeds: list[int | None],
         params: list[SamplingParams] | None = None,
     ) -> list[Proposal]:
-        """Up to ks[b] draft tokens after each row's committed tokens seqs[b], drawn
-        with row b's sampling parameters params[b]."""
+        """Up to ks[b] draft tokens after each row's committed tokens seqs[b], chosen
+        with row b's sampling parameters params[b] (sampled rows: by the Gumbel noise
+        of each position from seeds[b], as the target chooses)."""
 
     def rewind(self, n_valid: list[int]) -> None:
         """Only the first n_valid[b] tokens of what row b last saw and proposed still
@@ -85,7 +87,7 @@ class ModelDrafter:
         self,
         seqs: list[list[int]],
         ks: list[int],
-        generators: list[torch.Generator | None],
+        seeds: list[int | None],
         params: list[SamplingParams] | None = None,
     ) -> list[Proposal]:
         params = params or [self.params] * len(seqs)
@@ -101,7 +103,7 @@ class ModelDrafter:
             prefill_row(self.model, self.cache, b, seqs[b][int(self.cache.lengths[b]) : -1])
         self.catchup_s = time.perf_counter() - t if behind else 0.0
         rows = [s[int(n) :] if k else [] for s, k, n in zip(seqs, ks, self.cache.lengths)]
-        out = [Proposal([], None if p.greedy else []) for p in params]
+        out = [Proposal([]) for _ in params]
         confidence = [1.0] * len(seqs)
         active = [k > 0 for k in ks]
         while any(active):
@@ -110,20 +112,17 @@ class ModelDrafter:
             for b, p in enumerate(out):
                 if not active[b]:
                     continue
+                position = len(seqs[b]) + len(p.tokens)
                 if params[b].greedy:
-                    tok = self._pick_greedy(logits[b], b, len(seqs[b]) + len(p.tokens))
-                else:
-                    q = probs_from_logits(logits[b], params[b])
-                    tok = int(sample(q, generators[b]))
-                    p.probs.append(q)
+                    tok = self._pick_greedy(logits[b], b, position)
+                else:  # the target's rule on the draft's distribution, with the same noise
+                    tok = keyed_token(probs_from_logits(logits[b], params[b]), seeds[b], position)
                 p.tokens.append(tok)
                 if self.min_confidence > 0:
                     confidence[b] *= self._confidence(logits[b], tok)
                 active[b] = len(p.tokens) < ks[b] and confidence[b] >= self.min_confidence
                 if active[b]:
                     rows[b] = [tok]  # the last draft is never fed: verification covers it
-        for p in out:
-            p.probs = torch.stack(p.probs) if p.probs else None
         return out
 
     def _pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
@@ -156,20 +155,20 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, seqs: list[list[int]], ks: list[int], generators=None, params=None) -> list[Proposal]:
+    def propose(self, seqs: list[list[int]], ks: list[int], seeds=None, params=None) -> list[Proposal]:
         return [self.lookup(s, k) for s, k in zip(seqs, ks)]
 
     def lookup(self, committed: list[int], k: int) -> Proposal:
         if k <= 0:
-            return Proposal([], None)
+            return Proposal([])
         n_tok = len(committed)
         for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
             tail = committed[n_tok - n :]
             for start in range(n_tok - n - 1, -1, -1):
                 if committed[start : start + n] == tail:
                     follow = committed[start + n : start + n + k]
-                    return Proposal(follow, None)
-        return Proposal([], None)
+                    return Proposal(follow)
+        return Proposal([])
 
     def rewind(self, n_valid: list[int]) -> None:
         pass

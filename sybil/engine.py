@@ -8,12 +8,14 @@ token, and rewinds both caches by moving their length pointers.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from sybil import native
 from sybil.adaptive import AdaptiveK
 from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal, weight_bytes
 from sybil.cuda_graphs import StepGraphs
@@ -24,7 +26,7 @@ from sybil.model import GPT
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.tokenizer import EOT_ID
-from sybil.verify import accept_greedy, accept_sampled
+from sybil.verify import accept_greedy, accept_keyed
 
 
 @dataclass
@@ -93,7 +95,7 @@ class Decoder:
         self.model, self.drafter = model, drafter
         self.seqs: list[list[int]] = [[] for _ in range(slots)]
         self.params = [SamplingParams()] * slots
-        self.generators: list[torch.Generator | None] = [None] * slots
+        self.seeds: list[int | None] = [None] * slots  # each sampled row's seed: its noise per position
         self.top: list[int | None] = [None] * slots  # log-probabilities wanted, with this many alternatives
         self.counts: list[torch.Tensor | None] = [None] * slots  # generated-token counts, for penalties
         self.cache = KVCache.for_model(model.config, slots, max_len, dtype=model.dtype, device=model.device)
@@ -101,7 +103,7 @@ class Decoder:
         self.draft_s = self.verify_s = 0.0  # time of the last round
 
     def add(
-        self, slot: int, prompt: list[int], params: SamplingParams, generator: torch.Generator | None,
+        self, slot: int, prompt: list[int], params: SamplingParams, seed: int | None,
         logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> list[TokenLogprob | None] | None:
         """Start a sequence in a slot. Its pointers go back to 0 (whatever an earlier
@@ -110,7 +112,7 @@ class Decoder:
         logprobs=N: each round reports its tokens' log-probabilities with N
         alternatives. prompt_logprobs=N: the prefill computes logits too and this
         returns the prompt tokens' (the first has none: nothing predicts it)."""
-        self.seqs[slot], self.params[slot], self.generators[slot] = list(prompt), params, generator
+        self.seqs[slot], self.params[slot], self.seeds[slot] = list(prompt), params, seed
         self.top[slot] = logprobs
         self.counts[slot] = torch.zeros(self.model.config.vocab_size) if params.penalised else None
         self.cache.set_lengths(slot, [0])
@@ -134,9 +136,9 @@ class Decoder:
         t0 = time.perf_counter()
         want = [k or 0 for k in ks]
         if self.drafter is not None and any(want):
-            proposals = self.drafter.propose(self.seqs, want, self.generators, self.params)
+            proposals = self.drafter.propose(self.seqs, want, self.seeds, self.params)
         else:
-            proposals = [Proposal([], None) for _ in ks]
+            proposals = [Proposal([]) for _ in ks]
         t1 = time.perf_counter()
         rows = [[s[-1], *p.tokens] if k is not None else [] for s, p, k in zip(self.seqs, proposals, ks)]
         logits = forward_rows(self.model, self.cache, rows, self.graphs)
@@ -152,8 +154,8 @@ class Decoder:
             adj = adjust_logits(lg, self.params[b], self.counts[b], prop.tokens)
             if self.params[b].greedy:
                 n_acc, tok = accept_greedy(prop.tokens, adj)
-            else:
-                n_acc, tok = accept_sampled(prop.tokens, prop.probs, adj, self.params[b], self.generators[b])
+            else:  # the token at position len(seq) + i is drawn with that position's noise
+                n_acc, tok = accept_keyed(prop.tokens, adj, self.params[b], self.seeds[b], len(self.seqs[b]))
             n_valid.append(len(self.seqs[b]) + n_acc)  # valid cache prefix: committed + accepted
             new = [*prop.tokens[:n_acc], tok]
             self.seqs[b] += new
@@ -332,6 +334,8 @@ def generate(
         graphs = model.device.type == "cuda"
     if not live:
         return outs if batched else outs[0]
+    if model.device.type == "cpu":
+        native.available()  # a first run compiles the kernels here, not inside the timings below
 
     start = time.perf_counter()
     # cache positions the longest row can need (prompt and output), within the context
@@ -383,9 +387,9 @@ class Batch:
     This is the round loop of Sybil: generate() fills every slot and steps until
     all are done; the server's scheduler adds rows to free slots and removes
     cancelled ones between steps. A row's tokens depend only on its own prompt,
-    sampling parameters and seed (with a fixed k), never on which rows share
-    its rounds: the CPU kernels compute rows independently, and each row draws
-    from its own generator.
+    sampling parameters and seed, never on the draft, K or which rows share its
+    rounds: the CPU kernels compute rows independently, and a sampled row draws
+    each position's token with noise keyed by (seed, position) (sybil.verify).
     """
 
     def __init__(
@@ -418,8 +422,9 @@ class Batch:
         if self.rows[slot] is not None:
             raise ValueError(f"slot {slot} is busy")
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out.prompt_logprobs = self.dec.add(slot, out.prompt_ids, params, gen, logprobs, prompt_logprobs)
+        if seed is None and not params.greedy:
+            seed = secrets.randbits(63)  # unseeded sampling: a fresh seed, the same rule
+        out.prompt_logprobs = self.dec.add(slot, out.prompt_ids, params, seed, logprobs, prompt_logprobs)
         out.logprobs = [] if logprobs is not None else None
         row = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start)
         if max_new == 0:

@@ -46,6 +46,15 @@ def _bias(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"--logit-bias takes ID:VALUE, e.g. 198:-100, got {text!r}") from None
 
 
+def check_draft_flags(args: argparse.Namespace) -> None:
+    """--k and --draft-vocab shape a draft: without --draft they would be ignored, so say so."""
+    for flag, value in (("--k", args.k), ("--draft-vocab", args.draft_vocab)):
+        if value is not None and args.draft is None:
+            raise SybilError(f"{flag} sets up speculative decoding; it needs --draft (a model, or ngram)")
+    if args.k is None:
+        args.k = 4
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m sybil.generate", description="Generate text with GPT-2.")
     p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
@@ -74,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
-    p.add_argument("--k", type=_k, default=4, help="draft window: a positive integer or 'auto' (default 4)")
+    p.add_argument("--k", type=_k, default=None,
+                   help="draft window: a positive integer or 'auto' (default 4; needs --draft)")
     p.add_argument(
         "--draft-vocab", type=int, default=None, metavar="N",
         help="draft from token ids below N and <|endoftext|> only (a cheaper draft head; output unchanged)",
@@ -124,6 +134,7 @@ def read_prompts_file(path: Path) -> list[list[int]]:
 def _record(out: engine.Generation, dtype: torch.dtype, device: torch.device) -> dict:
     text_ids = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens
     record = {
+        "kernel_build_s": native.build_seconds() if device.type == "cpu" else 0.0,
         "prompt_ids": out.prompt_ids,
         "tokens": out.tokens,
         "text": decode(text_ids),
@@ -143,6 +154,7 @@ def _record(out: engine.Generation, dtype: torch.dtype, device: torch.device) ->
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         native.set_threads(args.threads)
+    check_draft_flags(args)
     if args.prompts_file is not None:
         prompts = read_prompts_file(args.prompts_file)
     elif args.prompt_ids is not None:
@@ -203,9 +215,11 @@ def run(args: argparse.Namespace) -> int:
             continue
         s = out.stats
         if not args.json:
+            built = native.build_seconds() if device.type == "cpu" else 0.0
             print(
                 f"[{'' if not batched else f'{i}: '}{out.finish_reason}: {len(out.tokens)} tokens, "
-                f"first token {s['prefill_ms']:.0f} ms, {s['decode_tokens_per_s']:.1f} tokens/s]",
+                f"first token {s['prefill_ms']:.0f} ms, {s['decode_tokens_per_s']:.1f} tokens/s"
+                + (f"; kernels compiled first in {built:.0f} s, not counted" if built else "") + "]",
                 file=sys.stderr,
             )
         if args.stats:

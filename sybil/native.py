@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,12 @@ def threads() -> int:
 
             raise SybilError(f"SYBIL_THREADS must be a positive integer, got {env!r}")
         return n
+    return _torch_default_threads()
+
+
+@lru_cache(maxsize=1)
+def _torch_default_threads() -> int:
+    """torch's count as it was before the kernels loaded (they set torch's to 1)."""
     return torch.get_num_threads()
 
 
@@ -109,27 +116,34 @@ def _build(src: Path, out: Path) -> None:
             os.unlink(tmp)
 
 
+@dataclass(frozen=True)
+class Status:
+    reason: str | None  # None once the ops are loaded, else why they are not
+    build_s: float = 0.0  # seconds this process spent compiling them (0: they were cached)
+
+
 @lru_cache(maxsize=None)
-def _load() -> str | None:
-    """None once the ops are loaded, else why they are not."""
+def _load() -> Status:
     if os.environ.get("SYBIL_NATIVE", "1") == "0":
-        return "disabled by SYBIL_NATIVE=0"
+        return Status("disabled by SYBIL_NATIVE=0")
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
-        return f"this CPU lacks {', '.join(missing)}"
+        return Status(f"this CPU lacks {', '.join(missing)}")
     src = resources.files("sybil").joinpath("csrc/kernels.cpp")
     code = b"".join(resources.files("sybil").joinpath(f"csrc/{f}").read_bytes() for f in SOURCES)
     key = hashlib.sha256(code + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"sybil_kernels_{key}.so"
+    build_s = 0.0
     if not lib.is_file():
-        print("sybil: compiling the CPU kernels once for this machine (about 30 s)", file=sys.stderr)
+        print("sybil: compiling the CPU kernels once for this machine (15 to 30 s)", file=sys.stderr)
         t = time.perf_counter()
         try:
             with resources.as_file(src) as path:
                 _build(Path(path), lib)
         except (RuntimeError, OSError) as e:
-            return str(e)
-        print(f"sybil: kernels built in {time.perf_counter() - t:.0f} s ({lib})", file=sys.stderr)
+            return Status(str(e))
+        build_s = time.perf_counter() - t
+        print(f"sybil: kernels built in {build_s:.0f} s ({lib})", file=sys.stderr)
     torch.ops.load_library(str(lib))
     n = threads()
     torch.ops.sybil.set_threads(n)
@@ -139,12 +153,18 @@ def _load() -> str | None:
         # of the logits, an argmax) and then spin, competing with the pool's helper
         # for its core: int8 gpt2-medium decoded at 0.75x with them (same process A/B).
         torch.set_num_threads(1)
-    return None
+    return Status(None, build_s)
 
 
 def available() -> bool:
-    return _load() is None
+    return _load().reason is None
 
 
 def why_unavailable() -> str | None:
-    return _load()
+    return _load().reason
+
+
+def build_seconds() -> float:
+    """Seconds this process spent compiling the kernels (0 when they came from the cache);
+    loading them is the first thing a CPU generation does, outside its timings."""
+    return _load().build_s

@@ -10,7 +10,6 @@ a callback, called on this thread, that must not block.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections import deque
@@ -188,9 +187,7 @@ class Scheduler:
                 self.cond.wait()
 
     def _add(self, slot: int, job: Job) -> None:
-        seed = job.seed
-        if seed is None and not job.params.greedy:
-            seed = secrets.randbits(63)
+        seed = job.seed  # None when sampling: Batch.add draws a fresh one
         out = Generation(prompt_ids=job.prompt)
         try:
             self.batch.add(slot, out, job.max_tokens, job.params, seed, job.stop_at_eos,

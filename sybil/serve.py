@@ -20,7 +20,7 @@ import uvicorn
 from sybil import native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
-from sybil.generate import _k
+from sybil.generate import _k, check_draft_flags
 from sybil.api import build_app
 from sybil.loader import load_draft, load_model, resolve_device, resolve_dtype
 from sybil.scheduler import Scheduler
@@ -30,7 +30,8 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m sybil.serve", description="Serve GPT-2 over an OpenAI-compatible HTTP API.")
     p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
     p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
-    p.add_argument("--k", type=_k, default=4, help="draft window: a positive integer or 'auto' (default 4)")
+    p.add_argument("--k", type=_k, default=None,
+                   help="draft window: a positive integer or 'auto' (default 4; needs --draft)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="draft from ids below N only")
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
@@ -58,12 +59,15 @@ def bind(host: str, port: int) -> socket.socket:
     except (OSError, OverflowError) as e:
         raise SybilError(f"cannot listen on {host}:{port} ({e}); pick another --port or --host") from None
     sock.set_inheritable(True)
+    sock.listen(2048)  # from now on connections wait in the backlog: none is refused before uvicorn starts
     return sock
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, but the first SIGTERM or Ctrl-C also starts draining the scheduler:
-    new requests get 503 while those in flight get the grace period."""
+    """uvicorn, but the first SIGTERM or Ctrl-C drains before it stops listening: the
+    socket stays open and new requests (and /health) get 503 while those in flight
+    run for up to the grace period; then uvicorn shuts down. A second signal stops
+    at once."""
 
     def __init__(self, config: uvicorn.Config, drain) -> None:
         super().__init__(config)
@@ -72,8 +76,13 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.draining is None:
-            self.draining = threading.Thread(target=self.drain, name="sybil-drain", daemon=True)
+            def drain_then_exit() -> None:
+                self.drain()
+                self.should_exit = True  # uvicorn's main loop looks every 0.1 s
+
+            self.draining = threading.Thread(target=drain_then_exit, name="sybil-drain", daemon=True)
             self.draining.start()
+            return
         super().handle_exit(sig, frame)
 
 
@@ -86,6 +95,7 @@ def run(args) -> int:
         raise SybilError(f"--port must be in 0..65535, got {args.port}")
     if args.threads is not None:
         native.set_threads(args.threads)
+    check_draft_flags(args)
     sock = bind(args.host, args.port)  # before loading: a taken port fails fast
     device = resolve_device(args.device)
     dtype, _ = resolve_dtype(args.dtype, device)

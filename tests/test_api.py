@@ -403,3 +403,29 @@ def test_tokenizer_routes(server):
     r = httpx.post(server.url + "/tokenize", json={"prompt": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert httpx.post(server.url + "/tokenize", json={"prompt": "x", "model": "gpt-4"}).status_code == 404
+
+
+def test_a_prompt_past_the_context_says_what_the_context_is_and_what_to_shorten(server):
+    def message(body):
+        r = httpx.post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 400
+        return r.json()["error"]["message"]
+
+    m = message({"prompt": [1] * (CONTEXT + 5), "max_tokens": 1})
+    assert f"context is {CONTEXT} tokens" in m and f"shorten the prompt to at most {CONTEXT - 1} tokens" in m
+    m = message({"prompt": [1] * (CONTEXT - 3)})  # max_tokens left out: its default is named as such
+    assert "max_tokens defaults to 16" in m and "at most 3" in m
+    m = message({"prompt": [1] * (CONTEXT - 3), "max_tokens": 9})
+    assert "max_tokens is 9" in m and "at most 3" in m
+
+
+def test_a_seeded_sample_through_the_server_with_a_draft_equals_plain_decoding(client, local):
+    """The server drafts (K=3, a model); sybil.generate here does not: same tokens."""
+    for seed in range(3):
+        for temperature in (0.7, 1.0):
+            ids = encode(PROMPTS[seed])
+            r = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=temperature, top_p=0.9,
+                                          seed=seed, extra_body={"top_k": 50, "ignore_eos": True,
+                                                                 "return_token_ids": True})
+            want = plain(local, ids, 12, temperature=temperature, top_p=0.9, top_k=50, seed=seed, stop_at_eos=False)
+            assert r.choices[0].model_extra["token_ids"] == want.tokens, (seed, temperature)

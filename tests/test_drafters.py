@@ -26,7 +26,7 @@ def test_model_drafter_is_greedy_decoding_and_rewinds(hf_checkpoint):
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     props = d.propose(prompts, [4, 2], [None, None])
     for prompt, prop, k in zip(prompts, props, [4, 2]):
-        assert prop.tokens == sybil.generate(model, prompt, k, stop_at_eos=False).tokens and prop.probs is None
+        assert prop.tokens == sybil.generate(model, prompt, k, stop_at_eos=False).tokens
     assert d.cache.lengths.tolist() == [5 + 3, 2 + 1]  # the last draft is never fed
     d.rewind([6, 99])
     assert d.cache.lengths.tolist() == [6, 3]
@@ -40,24 +40,19 @@ def test_model_drafter_confidence_stop(hf_checkpoint):
 
 
 def test_reduced_vocabulary_drafter_proposes_only_from_its_subset(hf_checkpoint):
+    """A sampled row drafts by its position-keyed noise on the draft's distribution,
+    which a reduced head renormalises on its subset: no proposal falls outside it."""
     model = sybil.load_model(hf_checkpoint("small"))
     last = model.config.vocab_size - 1
     full = ModelDrafter(model, SamplingParams(temperature=1.0), 64)
     part = ModelDrafter(model, SamplingParams(temperature=1.0), 64, vocab=300)
-    g = [torch.Generator().manual_seed(0)]
     seen_full, seen_part = set(), set()
     for seed in range(20):
-        g[0].manual_seed(seed)
-        seen_full |= set(full.propose([[5, 6, 7]], [4], g)[0].tokens)
+        seen_full |= set(full.propose([[5, 6, 7]], [4], [seed])[0].tokens)
         full.rewind([0])
-        g[0].manual_seed(seed)
-        prop = part.propose([[5, 6, 7]], [4], g)[0]
+        prop = part.propose([[5, 6, 7]], [4], [seed])[0]
         part.rewind([0])
+        assert len(prop.tokens) == 4  # deterministic given the seed
         seen_part |= set(prop.tokens)
-        # q is the draft's distribution renormalised on the subset: no mass outside it
-        outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
-        outside[:300] = False
-        outside[last] = False
-        assert prop.probs[:, outside].sum().item() == 0 and torch.allclose(prop.probs.sum(-1), torch.ones(4))
     assert seen_part <= set(range(300)) | {last}
     assert any(t >= 300 for t in seen_full)  # the full head does propose outside it

@@ -390,3 +390,33 @@ def test_ngram_auto_drafts_on_repetitive_output(spec):
     auto = sybil.generate(target, prompt, 40, draft="ngram", k="auto", stop_at_eos=False)
     assert auto.tokens == best.tokens
     assert auto.stats["drafted"] >= 4 and auto.stats["accepted"] > 0
+
+
+# --- seeded samples that do not depend on the draft, K or the batch ---------------------
+
+SAMPLING = [dict(temperature=0.7, top_k=50), dict(temperature=1.0, top_p=0.9), dict(temperature=1.0, top_k=200,
+                                                                                    top_p=0.95)]
+
+
+@pytest.mark.parametrize("mode", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(quantize="int8")],
+                         ids=["float32", "bfloat16", "int8"])
+def test_a_seeded_sample_is_the_same_tokens_with_any_draft_k_and_batch(spec, mode):
+    """Every position's token is drawn with noise keyed by (seed, position), so the draft,
+    K, k="auto", n-gram drafting and the batch change only the speed: list equality."""
+    path, _, _, prompts, _ = spec
+    target = sybil.load_model(path, **mode)
+    noisy = noisy_copy(target if "quantize" not in mode else sybil.load_model(path), 0.02, seed=0)
+    for seed in range(4):
+        for sampling in SAMPLING:
+            kw = dict(seed=seed, stop_at_eos=False, **sampling)
+            prompt = prompts[seed]
+            want = sybil.generate(target, prompt, 16, **kw).tokens
+            runs = {f"model K={k}": sybil.generate(target, prompt, 16, draft=noisy, k=k, **kw) for k in (1, 4, 8)}
+            runs["auto"] = sybil.generate(target, prompt, 16, draft=noisy, k="auto", **kw)
+            runs["ngram"] = sybil.generate(target, prompt, 16, draft="ngram", k=4, **kw)
+            for name, out in runs.items():
+                assert out.tokens == want, (seed, sampling, name)
+            batch = sybil.generate(target, [prompts[9], prompt, prompts[7]], 16, draft=noisy, k=3,
+                                   **{**kw, "seed": [99, seed, 98]})
+            assert batch[1].tokens == want, (seed, sampling, "batch row")
+    assert runs["model K=4"].stats["accepted"] > 0  # the drafts did land: speculation ran

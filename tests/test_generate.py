@@ -66,6 +66,8 @@ def test_eos_stops_generation_and_is_reported(eos_checkpoint):
         (["--prompt", "hi", "--presence-penalty", "2.5"], "presence_penalty"),
         (["--prompt", "hi", "--logprobs", "3"], "add --json"),
         (["--prompt", "hi", "--logprobs", "21", "--json"], "between 0 and 20"),
+        (["--prompt", "hi", "--k", "3"], "needs --draft"),
+        (["--prompt", "hi", "--draft-vocab", "100"], "needs --draft"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(small, args, message, capsys):
@@ -163,3 +165,21 @@ def test_cli_logprobs_and_adjustments_are_the_apis(small):
     assert rec["tokens"] == out.tokens and 11 not in out.tokens
     assert rec["logprobs"] == [{"token": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]}
                                for e in out.logprobs]
+
+
+def test_a_first_run_reports_the_kernel_build_apart_from_the_first_token(small, tmp_path):
+    import os
+
+    from sybil import native
+
+    if not all(f in native.cpu_flags() for f in native.REQUIRED_FLAGS):
+        pytest.skip("this CPU never builds the kernels")
+    r = _run("--model", small, "--prompt", "Hi", "--max-new-tokens", "3", "--json",
+             env={**os.environ, "SYBIL_CACHE": str(tmp_path)})  # an empty cache: the kernels compile now
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["kernel_build_s"] > 1
+    assert rec["prefill_ms"] < 1000 * rec["kernel_build_s"] / 4  # the first token does not count the build
+    streamed = _run("--model", small, "--prompt", "Hi", "--max-new-tokens", "3",
+                    env={**os.environ, "SYBIL_CACHE": str(tmp_path)})
+    assert "compiled" not in streamed.stderr  # built once, then cached

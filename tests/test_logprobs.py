@@ -68,13 +68,13 @@ def test_prompt_logprobs_equal_transformers_log_softmax(models):
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_generated_logprobs_are_the_same_bits_with_a_draft(models, temperature):
     """Each generated token's log-probability comes from the logits it was chosen from:
-    a verify's are a step's bits, so speculative and plain decoding report the same."""
+    a verify's are a step's bits, so speculative and plain decoding report the same
+    (sampled too: a seeded sample does not depend on the draft)."""
     _, model, draft = models
     kw = dict(temperature=temperature, seed=3, logprobs=4, stop_at_eos=False)
     plain = sybil.generate(model, PROMPT, 24, **kw)
     runs = [plain, sybil.generate(model, PROMPT, 24, draft=draft, k=3, **kw)]
-    if temperature == 0:  # greedy output is the same tokens whatever drafts; a seeded sample is not (yet)
-        runs.append(sybil.generate(model, PROMPT, 24, draft="ngram", k=4, **kw))
+    runs.append(sybil.generate(model, PROMPT, 24, draft="ngram", k=4, **kw))
     assert runs[1].stats["accepted"] > 0
     lp = torch.log_softmax(model(torch.tensor([PROMPT + plain.tokens])).float()[0], -1)
     for out in runs:
@@ -82,12 +82,10 @@ def test_generated_logprobs_are_the_same_bits_with_a_draft(models, temperature):
         assert [e.token for e in out.logprobs] == out.tokens
         # against a full forward of the sequence (not the same kernels: a tolerance)
         for i, e in enumerate(out.logprobs):
-            if out is plain or temperature == 0:
-                assert abs(e.logprob - float(lp[len(PROMPT) + i - 1, out.tokens[i]])) < 1e-4
-    if temperature == 0:
-        for out in runs[1:]:
-            assert out.tokens == plain.tokens
-            assert [(e.logprob, e.top) for e in out.logprobs] == [(e.logprob, e.top) for e in plain.logprobs]
+            assert abs(e.logprob - float(lp[len(PROMPT) + i - 1, out.tokens[i]])) < 1e-4
+    for out in runs[1:]:  # a seeded sample is the same tokens whatever drafts, as greedy output is
+        assert out.tokens == plain.tokens
+        assert [(e.logprob, e.top) for e in out.logprobs] == [(e.logprob, e.top) for e in plain.logprobs]
 
 
 def test_logprobs_of_a_speculative_sample_are_its_own_tokens_exactly(models):
@@ -122,22 +120,24 @@ def test_logit_bias_and_penalties_equal_a_reference_loop(models, adjust, draft):
 
 
 def test_a_seeded_sample_with_adjustments_equals_the_loop_that_samples_the_same_way(models):
-    """Without a draft, a seeded sample with bias and penalties draws as a loop that adjusts,
-    softmaxes and samples with the same generator, token by token."""
-    from sybil.sampling import SamplingParams, adjust_logits, probs_from_logits
+    """A seeded sample with bias and penalties draws as a loop that adjusts, applies
+    temperature and top-k, and takes each position's position-keyed Gumbel draw; with
+    a draft too."""
+    from sybil.sampling import SamplingParams, adjust_logits, keyed_token, probs_from_logits
 
-    _, model, _ = models
+    _, model, draft = models
     params = SamplingParams(0.9, 40, None, ((13, 3.0),), 0.7, 0.4)
-    out = sybil.generate(model, PROMPT, 16, temperature=0.9, top_k=40, seed=5, logit_bias={13: 3.0},
-                         presence_penalty=0.7, frequency_penalty=0.4, stop_at_eos=False)
-    g = torch.Generator().manual_seed(5)
+    kw = dict(temperature=0.9, top_k=40, seed=5, logit_bias={13: 3.0}, presence_penalty=0.7, frequency_penalty=0.4,
+              stop_at_eos=False)
+    out = sybil.generate(model, PROMPT, 16, **kw)
     seq, counts = list(PROMPT), torch.zeros(model.config.vocab_size)
     for _ in range(16):
         logits = model(torch.tensor([seq]))[0, -1:]
-        tok = int(torch.multinomial(probs_from_logits(adjust_logits(logits, params, counts), params), 1, generator=g))
+        tok = keyed_token(probs_from_logits(adjust_logits(logits, params, counts), params)[0], 5, len(seq))
         seq.append(tok)
         counts[tok] += 1
     assert out.tokens == seq[len(PROMPT):]
+    assert sybil.generate(model, PROMPT, 16, draft=draft, k=3, **kw).tokens == out.tokens
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -1,13 +1,21 @@
 import pytest
 import torch
 
-from sybil.sampling import SamplingParams, next_token, probs_from_logits
+from sybil.sampling import SamplingParams, keyed_token, probs_from_logits
 
 
 def test_greedy_is_one_hot_argmax():
     logits = torch.tensor([0.1, 3.0, -1.0])
     assert probs_from_logits(logits, SamplingParams()).tolist() == [0.0, 1.0, 0.0]
-    assert int(next_token(logits, SamplingParams(), None)) == 1
+
+
+
+def test_a_keyed_draw_never_takes_a_token_outside_top_k_and_follows_the_seed():
+    probs = probs_from_logits(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), SamplingParams(1.0, top_k=2))
+    draws = [keyed_token(probs, seed, 3) for seed in range(200)]
+    assert set(draws) == {0, 1}
+    assert draws == [keyed_token(probs, seed, 3) for seed in range(200)]
+    assert 0.5 < draws.count(0) / 200 < 0.75  # 0.625 expected
 
 
 def test_temperature_top_k_top_p():

@@ -48,6 +48,7 @@ def _serve(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, message", [
     (["--max-batch", "0"], "--max-batch"),
     (["--k", "seven"], "--k"),
+    (["--k", "3"], "needs --draft"),
     (["--port", "70000"], "--port"),
     (["--quantize", "int4"], "--quantize"),
     (["--model", "/nonexistent/checkpoint"], "nonexistent"),
@@ -66,3 +67,33 @@ def test_a_taken_port_is_a_one_line_error(hf_checkpoint):
         r = _serve("--model", str(hf_checkpoint("small")), "--port", str(port))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"127.0.0.1:{port}" in r.stderr
+
+
+def test_during_the_grace_period_new_requests_and_health_get_503(tmp_path, hf_checkpoint):
+    """After SIGTERM the socket stays open while a request is in flight: load balancers
+    see 503 on /health (not a refused connection), new requests get OpenAI's 503 body,
+    and the request in flight completes."""
+    srv = Server(tmp_path, "--model", str(hf_checkpoint("gpt2")), "--dtype", "float32", "--shutdown-grace", "60")
+    lines, started = [], threading.Event()
+
+    def stream():
+        body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    srv.proc.send_signal(signal.SIGTERM)
+    health = httpx.get(srv.url + "/health", timeout=10)
+    late = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+    t.join(120)
+    assert srv.proc.wait(60) == 0
+    assert health.status_code == 503
+    assert late.status_code == 503 and late.json()["error"]["type"] == "server_error"
+    assert lines[-1] == "data: [DONE]"  # the request in flight ran to its end
+    assert len(lines) > 100
+    srv.stop()

@@ -20,10 +20,15 @@ def test_quick_run_writes_a_complete_consistent_record(tiny_pair, tmp_path, caps
     target, draft = tiny_pair
     out = tmp_path / "bench.json"
     code = throughput.main(
-        ["--target", str(target), "--draft", str(draft), "--quick", "--simulate-acceptance", "0.8", "--json", str(out)]
+        ["--target", str(target), "--draft", str(draft), "--quick", "--k", "1,4,auto", "--simulate-acceptance", "0.8",
+         "--json", str(out)]
     )
     assert code == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    # each row is reported as it finishes, before the table
+    assert "sybil-speculative K=4:" in captured.err and "hf-generate:" in captured.err
+    assert "CTranslate2" not in captured.err  # --quick runs no peer: nothing is converted
     assert "SIMULATED" in table and "NOTE" in table
     rec = json.loads(out.read_text())
     assert set(rec) == {"config", "floor", "step_ms", "runs"}
@@ -43,6 +48,8 @@ def test_quick_run_writes_a_complete_consistent_record(tiny_pair, tmp_path, caps
     # Acceptance is drawn at 0.8 per token, so the measured rate is near it (K=1: one draw a round).
     assert 0.55 <= runs[("sybil-speculative", 1)]["acceptance_rate"] <= 0.95
     assert {"hf-generate", "hf-assisted"} <= {r["name"] for r in rec["runs"]}
+    assert runs[("hf-assisted", "hf")]["note"] == "skipped (--quick)"
+    assert rec["config"]["draft_vocab"] == 8192 and rec["config"]["max_new_tokens"] == 32  # what pays, by default
 
 
 def test_leviathan_formula():

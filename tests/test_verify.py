@@ -1,4 +1,6 @@
-"""Acceptance rules: greedy, and the speculative sampling rule preserving the target's distribution."""
+"""Acceptance rules: greedy, and the position-keyed sampling rule, whose output follows the
+target's distribution (chi-square over many seeds, one seeded run per sample) and fails
+the same check when the noise is not keyed by position."""
 
 
 import numpy as np
@@ -8,8 +10,9 @@ from scipy.stats import chisquare
 
 import sybil
 import sybil.engine
-from sybil.sampling import SamplingParams, probs_from_logits, sample
-from sybil.verify import accept_greedy, accept_sampled
+import sybil.verify
+from sybil.sampling import SamplingParams, keyed_token, position_noise, probs_from_logits
+from sybil.verify import accept_greedy, accept_keyed
 
 torch.set_grad_enabled(False)
 TINY = dict(n_layer=1, n_head=2, n_embd=16, vocab_size=8, n_positions=16, initializer_range=0.6)
@@ -27,19 +30,28 @@ def test_accept_greedy():
 
 
 def test_one_position_output_is_distributed_as_p():
-    """Draw x ~ q, apply the rule: the emitted token is distributed exactly as p."""
+    """The draft proposes by q with a position's noise, the target chooses by p with the
+    same noise: over seeds, the emitted token is distributed exactly as p, and the draft
+    is kept at least (1 - TV) / (1 + TV) of the time."""
     p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
     params = SamplingParams(temperature=1.0)
-    p = probs_from_logits(p_logits[0], params).double().numpy()
-    p /= p.sum()
+    p = probs_from_logits(p_logits[0], params).double()
     q = torch.tensor([0.05, 0.05, 0.6, 0.1, 0.2])
-    g = torch.Generator().manual_seed(0)
-    counts = np.zeros(5)
-    for _ in range(20000):
-        x = int(sample(q, g))
-        n, tok = accept_sampled([x], q[None], p_logits, params, g)
+    counts, kept = np.zeros(5), 0
+    for seed in range(20000):
+        x = keyed_token(q, seed, 7)
+        n, tok = accept_keyed([x], p_logits, params, seed, 7)
         counts[x if n == 1 else tok] += 1
-    assert chisquare(counts, p * counts.sum()).pvalue > P_OK
+        kept += n
+    assert chisquare(counts, p.numpy() / p.sum().item() * counts.sum()).pvalue > P_OK
+    tv = 0.5 * float((p - q.double()).abs().sum())
+    assert kept / 20000 > (1 - tv) / (1 + tv)
+
+
+def test_the_noise_is_keyed_by_seed_and_position_alone():
+    a, b = position_noise(3, 10, 50), position_noise(3, 10, 50)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, position_noise(3, 11, 50)) and not torch.equal(a, position_noise(4, 10, 50))
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +111,12 @@ def test_ngram_drafts_preserve_the_distribution(tiny):
     assert _chi2_pvalue(target, "ngram", SETTINGS[0], k=2) > P_OK
 
 
-def _broken_rule(draft, draft_probs, target_logits, params, generator):
-    """The classic mistake: after a rejection, resample from p instead of max(p - q, 0)."""
-    p = probs_from_logits(target_logits, params)
-    for i, x in enumerate(draft):
-        if float(torch.rand((), generator=generator)) * float(draft_probs[i, x]) < float(p[i, x]):
-            continue
-        return i, int(sample(p[i], generator))
-    return len(draft), int(sample(p[len(draft)], generator))
-
-
-def test_the_chi_square_check_rejects_a_broken_rule(tiny, monkeypatch):
-    monkeypatch.setattr(sybil.engine, "accept_sampled", _broken_rule)
+def test_the_chi_square_check_rejects_noise_that_is_not_keyed_by_position(tiny, monkeypatch):
+    """The mistake this rule invites: one noise vector for every position of a sequence.
+    Each position alone is still a draw from its distribution, but consecutive tokens
+    are coupled, so the joint distribution of a continuation is wrong."""
+    real = sybil.verify.keyed_token
+    monkeypatch.setattr(sybil.verify, "keyed_token", lambda probs, seed, position: real(probs, seed, 0))
     target, draft = tiny
     assert _chi2_pvalue(target, draft, SETTINGS[0], k=2) < P_BROKEN
 
