@@ -65,6 +65,21 @@ def _decode_rate(generate, n: int, repeats: int) -> float:
     return (n - 1) / max(statistics.median(full) - statistics.median(one), 1e-9)
 
 
+def pool_note() -> str:
+    """What Sybil's pool did (csrc/pool.h): regions run on the caller alone (the serial
+    fallback) and the share of parallel time the caller waited for a helper's chunk."""
+    import torch
+
+    from sybil import native
+
+    if not native.available() or not hasattr(torch.ops.sybil, "pool_stats"):
+        return ""
+    regions, serial, fallbacks, run_s, wait_s = torch.ops.sybil.pool_stats().tolist()
+    if regions + serial == 0:
+        return ""
+    return f"{serial / (regions + serial):.0%} serial, waits {wait_s / max(run_s, 1e-9):.0%}"
+
+
 def worker(engine: str, precision: str, folder: Path, n: int, repeats: int) -> float:
     if engine.startswith("sybil"):
         import torch
@@ -72,6 +87,7 @@ def worker(engine: str, precision: str, folder: Path, n: int, repeats: int) -> f
         import sybil
 
         torch.set_grad_enabled(False)
+        sybil.native.available()
         model = sybil.load_model(folder / "hf", torch.float32, quantize="int8" if precision == "int8" else None)
         if engine == "sybil-thread":  # the same call from a threading.Thread (the walkthrough's main-thread anomaly)
             import threading
@@ -136,13 +152,15 @@ def measure(engine: str, precision: str, folder: Path, args) -> float:
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SybilError(f"{engine} {precision} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    return float(r.stdout.strip().splitlines()[-1])
+    tps, _, note = r.stdout.strip().splitlines()[-1].partition(" ")
+    return float(tps), note
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         engine, precision, folder = args.worker
-        print(worker(engine, precision, Path(folder), args.tokens, args.repeats))
+        tps = worker(engine, precision, Path(folder), args.tokens, args.repeats)
+        print(tps, pool_note() if engine.startswith("sybil") else "")
         return 0
     try:
         loads = [int(x) for x in args.loads.split(",")]
@@ -155,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 2 or args.repeats < 1 or any(x < 0 for x in loads):
         raise SybilError("--tokens must be at least 2, --repeats at least 1, --loads non-negative")
     results: dict[tuple[str, str], dict[int, float]] = {}
+    notes: dict[tuple[str, str], dict[int, str]] = {}
     with tempfile.TemporaryDirectory(prefix="sybil-busy-") as tmp:
         folder = Path(tmp)
         engines = prepare(folder, args.target, engines, precisions)
@@ -164,17 +183,22 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.5)
                 for precision in precisions:
                     for engine in engines:
-                        tps = measure(engine, precision, folder, args)
+                        tps, note = measure(engine, precision, folder, args)
                         results.setdefault((engine, precision), {})[load] = tps
-                        print(f"bench.busy: {engine} {precision}, {load} busy: {tps:.1f} tokens/s",
-                              file=sys.stderr, flush=True)
+                        notes.setdefault((engine, precision), {})[load] = note
+                        print(f"bench.busy: {engine} {precision}, {load} busy: {tps:.1f} tokens/s"
+                              + (f" ({note})" if note else ""), file=sys.stderr, flush=True)
             finally:
                 for p in busy:
                     p.kill()
                     p.wait()
     print(render(results, loads, args))
+    pool = [f"{e} {p}, {x} busy: {v[x]}" for (e, p), v in notes.items() for x in loads if v.get(x)]
+    if pool:
+        print("\nSybil's pool (regions on the caller alone; caller's waits for helpers):\n" + "\n".join(pool))
     if args.json:
-        args.json.write_text(json.dumps({f"{e} {p}": v for (e, p), v in results.items()}, indent=1))
+        args.json.write_text(json.dumps({f"{e} {p}": {"tokens_per_s": v, "pool": notes.get((e, p), {})}
+                                         for (e, p), v in results.items()}, indent=1))
     return 0
 
 

@@ -381,8 +381,16 @@ int64_t set_threads(int64_t n) {
   return sybil::Pool::get().threads();
 }
 
+// [regions, serial regions, fallbacks, seconds in parallel regions, seconds the caller waited in them]
+at::Tensor pool_stats() {
+  const auto st = sybil::Pool::get().stats();
+  return at::tensor(std::vector<double>{double(st.regions), double(st.serial), double(st.fallbacks), st.run_s,
+                                        st.wait_s}, at::kDouble);
+}
+
 TORCH_LIBRARY(sybil, m) {
   m.def("set_threads(int n) -> int", &set_threads);
+  m.def("pool_stats() -> Tensor", &pool_stats);
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
   m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head) -> Tensor", &attend);
   m.def("blocks(Tensor x, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, float eps, Tensor?[] params) -> Tensor",

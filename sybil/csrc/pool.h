@@ -25,6 +25,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -50,6 +51,9 @@ class Pool {
   void set_threads(int n) {
     n = std::min(std::max(1, n), MAX_PARTS);
     std::lock_guard<std::mutex> no_job(run_mutex_);
+    serial_left_ = window_n_ = bad_windows_ = 0;
+    serial_len_ = SERIAL_MIN;
+    window_run_ = window_wait_ = 0;
     if (openmp_) {
       at::set_num_threads(n);
       return;
@@ -68,12 +72,17 @@ class Pool {
     }
     grain = std::max<int64_t>(1, grain);
     const int64_t chunks = (n + grain - 1) / grain;
+    std::lock_guard<std::mutex> one_job(run_mutex_);  // callers from several threads take turns
     const int parts = static_cast<int>(std::min<int64_t>(threads(), chunks));
-    if (parts == 1) {
+    if (parts == 1 || serial_left_ > 0) {
+      if (parts > 1) {
+        --serial_left_;
+        ++stats_.serial;
+      }
       fn(0, n);
       return;
     }
-    std::lock_guard<std::mutex> one_job(run_mutex_);  // callers from several threads take turns
+    const auto t0 = std::chrono::steady_clock::now();
     job_ = Job{&fn, n, grain};
     done_.store(0, std::memory_order_relaxed);
     for (int t = 0; t < parts; ++t) {
@@ -91,15 +100,66 @@ class Pool {
     work(0);
     // Chunks a helper took may still run: wait for them, yielding in case that
     // helper needs this core.
+    const auto t1 = std::chrono::steady_clock::now();
     for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
       if (spins < 64) _mm_pause(); else std::this_thread::yield();
     }
+    account(t0, t1, std::chrono::steady_clock::now());
+  }
+
+  // What the regions cost: counts and seconds (the waits are the caller's, for the
+  // chunks helpers had taken), for the benchmark and for the serial fallback below.
+  struct Stats {
+    int64_t regions = 0, serial = 0, fallbacks = 0;
+    double run_s = 0, wait_s = 0;
+  };
+  Stats stats() {
+    std::lock_guard<std::mutex> lk(run_mutex_);
+    return stats_;
   }
 
   ~Pool() { stop_workers(); }
 
  private:
   static constexpr int MAX_PARTS = 64;
+
+  // The serial fallback: when, in two windows of parallel regions in a row, the
+  // caller spent more than STALL_LIMIT of their time in stalls (waits of STALL_S or
+  // more for a chunk a helper had taken: the helper was descheduled mid-chunk, since
+  // another program holds its core, and a scheduler slice is milliseconds), the next
+  // regions run on the caller alone, which then has a core to itself and never
+  // waits; then parallel regions are tried again. The serial stretch starts short
+  // and doubles while the machine stays busy (up to SERIAL_MAX regions, about a
+  // second of gpt2-medium decoding); a clean window starts it over. Shorter waits (a
+  // helper that woke late, or ended its last chunk a little after the caller) are
+  // normal on a quiet machine, and a lone stall costs no more than a short stretch.
+  static constexpr int WINDOW = 48;
+  static constexpr double STALL_S = 1e-3, STALL_LIMIT = 0.2;
+  static constexpr int SERIAL_MIN = 250, SERIAL_MAX = 8000;
+
+  void account(std::chrono::steady_clock::time_point t0, std::chrono::steady_clock::time_point t1,
+               std::chrono::steady_clock::time_point t2) {
+    const double run = std::chrono::duration<double>(t2 - t0).count();
+    const double wait = std::chrono::duration<double>(t2 - t1).count();
+    ++stats_.regions;
+    stats_.run_s += run;
+    stats_.wait_s += wait;
+    window_run_ += run;
+    if (wait >= STALL_S) window_wait_ += wait;
+    if (++window_n_ < WINDOW) return;
+    if (window_wait_ > STALL_LIMIT * window_run_) {
+      if (++bad_windows_ >= 2) {
+        serial_left_ = serial_len_;
+        serial_len_ = std::min(2 * serial_len_, SERIAL_MAX);
+        ++stats_.fallbacks;
+      }
+    } else {
+      bad_windows_ = 0;
+      serial_len_ = SERIAL_MIN;
+    }
+    window_n_ = 0;
+    window_run_ = window_wait_ = 0;
+  }
 
   struct Job {
     const std::function<void(int64_t, int64_t)>* fn = nullptr;
@@ -211,6 +271,10 @@ class Pool {
   std::atomic<bool> stop_{false};
   bool openmp_ = false;
   Job job_;
+  // guarded by run_mutex_
+  Stats stats_;
+  int window_n_ = 0, serial_left_ = 0, bad_windows_ = 0, serial_len_ = SERIAL_MIN;
+  double window_run_ = 0, window_wait_ = 0;
 };
 
 }  // namespace sybil
