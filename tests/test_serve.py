@@ -12,21 +12,27 @@ import pytest
 from conftest import REPO, Server
 
 
-def test_sigterm_drains_and_exits_0(tmp_path, hf_checkpoint):
-    srv = Server(tmp_path, "--model", str(hf_checkpoint("small")), "--dtype", "float32", "--shutdown-grace", "0.2")
+def _stream_in_background(srv: Server, max_tokens: int) -> tuple[threading.Thread, list[str]]:
+    """A streaming request on its own thread, returned once its first line arrived."""
     lines, started = [], threading.Event()
 
     def stream():
-        body = {"prompt": "Hello", "max_tokens": 250, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+        body = {"prompt": "Hello", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line:
                     lines.append(line)
-                started.set()
+                    started.set()
 
     t = threading.Thread(target=stream)
     t.start()
     assert started.wait(60)
+    return t, lines
+
+
+def test_sigterm_drains_and_exits_0(tmp_path, hf_checkpoint):
+    srv = Server(tmp_path, "--model", str(hf_checkpoint("small")), "--dtype", "float32", "--shutdown-grace", "0.2")
+    t, lines = _stream_in_background(srv, 250)
     srv.proc.send_signal(signal.SIGTERM)  # while the stream is in flight
     assert srv.proc.wait(30) == 0
     t.join(30)
@@ -74,19 +80,7 @@ def test_during_the_grace_period_new_requests_and_health_get_503(tmp_path, hf_ch
     see 503 on /health (not a refused connection), new requests get OpenAI's 503 body,
     and the request in flight completes."""
     srv = Server(tmp_path, "--model", str(hf_checkpoint("gpt2")), "--dtype", "float32", "--shutdown-grace", "60")
-    lines, started = [], threading.Event()
-
-    def stream():
-        body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                    started.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
-    assert started.wait(60)
+    t, lines = _stream_in_background(srv, 200)
     srv.proc.send_signal(signal.SIGTERM)
     health = httpx.get(srv.url + "/health", timeout=10)
     late = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
