@@ -42,7 +42,11 @@ def huge_pages_available() -> bool:
 def _mapped(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 tensor of nbytes starting on a 2 MiB boundary of its own private
     anonymous mapping, advised MADV_HUGEPAGE. The tensor keeps the mapping alive."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # Whole huge pages past the aligned start: a huge page is only used where all of it
+    # lies inside the mapping, so a tail of nbytes + 2 MiB could miss the last one (or,
+    # for a tensor under 2 MiB, the only one, as the tests saw with another mmap layout).
+    pages = -(-nbytes // HUGE_PAGE)
+    m = mmap.mmap(-1, (pages + 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(m, dtype=torch.uint8)  # holds a reference to m
     start = (-raw.data_ptr()) % HUGE_PAGE
