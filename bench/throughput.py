@@ -484,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
             target, prompts, args.max_new_tokens, draft=draft, k=k,
             oracles=oracles, accept=args.simulate_acceptance, device=device, draft_vocab=args.draft_vocab,
         )
-    progress(f"sybil: plain and K = {', '.join(map(str, ks))} taking turns, {args.repeats} repeats"
+    progress(f"sybil: plain and K = {', '.join(map(str, ks))} taking turns, {args.repeats} repeat{'s' if args.repeats != 1 else ''}"
              + (f" (simulated acceptance {args.simulate_acceptance})" if args.simulate_acceptance is not None else ""))
     results = interleaved(runners, args.repeats)
     for k, (secs, reps) in results.items():
