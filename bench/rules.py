@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from bench.workload import noisy_copy
 from sybil.cli import OneLineParser, run_cli
 from sybil.config import GPTConfig
 from sybil.model import GPT
@@ -45,17 +46,6 @@ def random_target(seed: int = 0, init: float = 0.1) -> GPT:
     return model
 
 
-def noisy(model: GPT, sigma: float, seed: int) -> GPT:
-    import copy
-
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * sigma)
-    return out
-
-
 def acceptance(target: GPT, draft: GPT, params: SamplingParams, contexts: int, draws: int) -> tuple[float, float]:
     """(rejection rule, keyed rule) mean acceptance of one draft token."""
     g = torch.Generator().manual_seed(1)
@@ -76,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     rows = ["| draft sigma | temperature | top-k / top-p | rejection rule | keyed rule | keyed / rejection | "
             "(1 - TV) / (1 + TV) |", "|---|---|---|---|---|---|---|"]
     for sigma in map(float, args.sigmas.split(",")):
-        draft = noisy(target, sigma, seed=2)
+        draft = noisy_copy(target, sigma, seed=2)
         for t in map(float, args.temperatures.split(",")):
             for top_k, top_p in ((None, None), (50, 0.95)):
                 rej, keyed = acceptance(target, draft, SamplingParams(t, top_k, top_p), args.contexts, args.draws)

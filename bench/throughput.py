@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         # what the "which draft" table found pays: an int8 draft with a reduced head at K=4
         args.prompts, args.max_new_tokens, args.repeats = min(args.prompts, 2), 32, 1
-        args.no_peers, args.no_hf_assisted = True, True
+        args.no_peers = True
         if args.k == "1,2,4,8,auto,auto-shared":
             args.k = "4,auto-shared"
         if args.draft_quantize == "none":
@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
         with torch_threads(native.threads()):  # transformers computes with torch's own threads
             progress("hf-generate")
             add(run_hf(hf_target, prompts, args.max_new_tokens, args.repeats, device))
-            if getattr(args, "no_hf_assisted", False):
+            if args.quick:  # assisted generation doubles the transformers time
                 rows.append(Row("hf-assisted", "hf", None, note="skipped (--quick)"))
             else:
                 progress("hf-assisted (its acceptance is real, not simulated)")

@@ -125,3 +125,16 @@ class SimulatedDrafter(ModelDrafter):
         if self._hit():
             return right
         return (right + 1 + self.rng.randrange(self.model.config.vocab_size - 1)) % self.model.config.vocab_size
+
+
+def noisy_copy(model: GPT, sigma: float, seed: int) -> GPT:
+    """The same model with Gaussian noise on every weight: a draft that mostly agrees
+    (the tests' drafts, and bench.rules')."""
+    import copy
+
+    noisy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * sigma)
+    return noisy

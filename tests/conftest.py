@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.workload import noisy_copy  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -47,18 +49,6 @@ def hf_checkpoint(tmp_path_factory):
 def hf_model(path: Path):
     transformers = pytest.importorskip("transformers")
     return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
-
-
-def noisy_copy(model, sigma: float, seed: int):
-    """The same model with Gaussian noise on every weight: a draft that mostly agrees."""
-    import copy
-
-    noisy = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * sigma)
-    return noisy
 
 
 @pytest.fixture(scope="session")
