@@ -19,7 +19,8 @@ from sybil.tokenizer import EOT, mergeable_ranks
 
 # compute type for each (dtype, quantize) the benchmark runs
 CT2_COMPUTE = {("float32", None): "float32", ("float32", "int8"): "int8_float32", ("bfloat16", None): "bfloat16",
-               ("bfloat16", "int8"): "int8_bfloat16"}
+               ("bfloat16", "int8"): "int8_bfloat16", ("float32", "int8wo"): "int8_float32",
+               ("bfloat16", "int8wo"): "int8_bfloat16"}  # CTranslate2's int8 quantizes activations too
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -107,6 +108,8 @@ def ct2_peer(hf_model, dtype: torch.dtype, quantize: str | None) -> tuple[CT2Pee
         return None, "not installed (pip install -e '.[peers]')"
     if hf_model is None:
         return None, "needs transformers to convert the weights"
+    if (str(dtype).removeprefix("torch."), quantize) not in CT2_COMPUTE:
+        return None, f"no CTranslate2 compute type matches {quantize} weights"
     try:
         from sybil import native
 

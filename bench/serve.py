@@ -29,6 +29,7 @@ import httpx
 from bench.workload import SimulatedDrafter, load_prompts, random_model, real_model
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
+from sybil.loader import DRAFT_QUANTIZE, DRAFT_QUANTIZE_HELP
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -158,8 +159,8 @@ def worker(args) -> int:
     if args.draft != "none":
         quantize = resolve_draft_quantize(args.draft_quantize, device)
         model = build(args.draft, 1) if args.weights == "random" else load_model(args.draft, dtype, device)
-        if quantize == "int8":
-            model.quantize_int8()
+        if quantize:
+            model.quantize(quantize)
         draft, label = model, f", draft {args.draft} ({quantize}) k={args.k}"
         if args.weights == "random":
             # The target's greedy continuation of every benchmark prompt, so the simulated
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights: the simulated draft's acceptance (default 0.8)")
     p.add_argument("--k", default="4")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="auto")
+    p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="auto", help=DRAFT_QUANTIZE_HELP)
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)

@@ -29,7 +29,8 @@ from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil import memory, native
-from sybil.loader import check_quantize, resolve_device, resolve_draft_quantize, resolve_dtype
+from sybil.loader import (DRAFT_QUANTIZE, QUANTIZE, QUANTIZE_HELP, check_quantize, resolve_device,
+                          resolve_draft_quantize, resolve_dtype)
 from sybil.adaptive import expected_tokens
 from sybil.drafters import weight_bytes
 
@@ -297,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows to run: integers, auto (a fresh controller per prompt), auto-shared (one "
                         "controller for all of the row's prompts, as the server keeps one)")
     p.add_argument("--dtype", default="float32", help="compute dtype for every engine (float32)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="the target's weights")
-    p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help="the target's weights: " + QUANTIZE_HELP)
+    p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="none",
                    help="the draft's weights (auto: int8 where the CPU kernels run)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="the draft's head covers ids below N and <|endoftext|> only")
@@ -447,9 +448,9 @@ def run(args: argparse.Namespace) -> int:
             progress("converting the target for CTranslate2")
         ct2, ct2_note = ct2_peer(hf_target if hf_target is not None else hf_mirror(target), dtype, quantize)
     if quantize:
-        target.quantize_int8()
+        target.quantize(quantize)
     if draft_quantize:
-        draft.quantize_int8()
+        draft.quantize(draft_quantize)
 
     progress("measuring memory bandwidth and step costs")
     with torch_threads(native.threads()):  # torch's sum reads with every core

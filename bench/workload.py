@@ -138,3 +138,30 @@ def noisy_copy(model: GPT, sigma: float, seed: int) -> GPT:
         for p in noisy.parameters():
             p.add_(torch.randn(p.shape, generator=g) * sigma)
     return noisy
+
+
+def plant_outliers(model: GPT, channels: int, factor: float, seed: int) -> GPT:
+    """GPT-2's real activations have a few channels far larger than the rest (Sun et al.
+    2024, "massive activations"; LLM.int8()); random weights have none. Plant them: scale
+    `channels` channels (the same in every block) of each ln_1 / ln_2 by `factor` and
+    divide the matching input columns of c_attn / c_fc by it. The float function is
+    unchanged; only the distribution a quantizer sees changes. In place; returns model."""
+    g = torch.Generator().manual_seed(seed)
+    ch = torch.randperm(model.config.n_embd, generator=g)[:channels]
+    with torch.no_grad():
+        for block in model.h:
+            for ln, lin in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
+                ln.weight[ch] *= factor
+                ln.bias[ch] *= factor
+                lin.weight[:, ch] /= factor
+    return model
+
+
+def save_checkpoint(model: GPT, folder: Path) -> Path:
+    """A float GPT as a Hugging Face checkpoint (needs transformers): what sybil.load_model,
+    transformers and the peers' converters all read."""
+    hf = hf_mirror(model)
+    if hf is None:
+        raise SybilError("saving a checkpoint needs transformers (pip install -e '.[bench]')")
+    hf.save_pretrained(folder)
+    return folder

@@ -18,7 +18,8 @@ import torch
 from sybil import engine, native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
-from sybil.loader import load_draft, load_model, resolve_device, resolve_dtype
+from sybil.loader import (DRAFT_QUANTIZE, DRAFT_QUANTIZE_HELP, QUANTIZE, QUANTIZE_HELP, load_draft, load_model,
+                          resolve_device, resolve_dtype)
 from sybil.tokenizer import EOT_ID, StreamDecoder, decode, encode
 
 
@@ -73,14 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for Sybil's kernels (default: SYBIL_THREADS, else torch's count, the cores)")
-    p.add_argument(
-        "--quantize", choices=["none", "int8"], default="none",
-        help="int8: weight-only int8 linears and head, quantized at load (CPU); --dtype is then the compute dtype",
-    )
-    p.add_argument(
-        "--draft-quantize", choices=["auto", "none", "int8"], default="auto",
-        help="the draft model's weights (auto: int8 on the CPU, where it is faster; the output is the target's either way)",
-    )
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help=QUANTIZE_HELP)
+    p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="auto", help=DRAFT_QUANTIZE_HELP)
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
     p.add_argument("--k", type=_k, default=None,

@@ -18,6 +18,7 @@ from sybil.config import PRESETS, GPTConfig
 from sybil import memory
 from sybil.errors import SybilError
 from sybil.model import GPT
+from sybil.quant import MODES
 
 # What to do with each checkpoint key (after an optional "transformer." prefix).
 # GPT-2 stores its four projections as Conv1D, weight [in, out]; nn.Linear wants
@@ -116,15 +117,20 @@ def _checkpoint_files(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-QUANTIZE = (None, "none", "int8")
+QUANTIZE = ("none", *MODES)  # sybil.quant.MODES: int8, int4, int8wo
+DRAFT_QUANTIZE = ("auto", *QUANTIZE)
+QUANTIZE_HELP = ("the weights, quantized at load (CPU): int8 (int8 weights and activations, integer math), "
+                 "int4 (4-bit weights in groups of 32, int8 head), int8wo (weight-only int8, float math: "
+                 "the most accurate); --dtype is then the compute dtype")
+DRAFT_QUANTIZE_HELP = "the draft model's weights (auto: the fastest, int8, on the CPU; the output is the target's either way)"
 
 
 def check_quantize(quantize: str | None, device: torch.device) -> str | None:
-    """None or "int8"; an error for anything else, or for int8 off the CPU."""
-    if quantize not in QUANTIZE:
-        raise SybilError(f"unknown quantize {quantize!r}; use int8 or none")
-    if quantize == "int8" and device.type != "cpu":
-        raise SybilError("int8 weights are a CPU path; on CUDA use --dtype float16 or bfloat16")
+    """None or a sybil.quant mode; an error for anything else, or for one off the CPU."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise SybilError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
+    if quantize not in (None, "none") and device.type != "cpu":
+        raise SybilError(f"{quantize} weights are a CPU path; on CUDA use --dtype float16 or bfloat16")
     return None if quantize == "none" else quantize
 
 
@@ -144,8 +150,8 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     quantize: str | None = None,
 ) -> GPT:
-    """Build a GPT from a checkpoint directory or .safetensors file; quantize="int8"
-    makes its linears and head weight-only int8 (dtype is then the compute dtype)."""
+    """Build a GPT from a checkpoint directory or .safetensors file; quantize (a
+    sybil.quant mode) quantizes its linears and head (dtype is then the compute dtype)."""
     quantize = check_quantize(quantize, torch.device(device))
     st_path, cfg_path = _checkpoint_files(Path(path))
     try:
@@ -184,8 +190,11 @@ def load_checkpoint(
     model.load_state_dict(state, strict=False, assign=True)
     del state  # the model holds the only references now, so each rehomed tensor frees its old copy
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter; re-tie
-    if quantize == "int8":
-        model.quantize_int8()  # its int8 weights are made in 2 MiB pages
+    if quantize:
+        try:
+            model.quantize(quantize)  # its quantized weights are made in 2 MiB pages
+        except ValueError as e:  # a shape the format cannot hold
+            raise SybilError(str(e)) from None
     elif torch.device(device).type == "cpu":
         memory.rehome_module(model)  # weights in 2 MiB pages: sybil.memory says why
     return model.to(device).eval()
@@ -226,9 +235,9 @@ def load_model(
 ) -> GPT:
     """Load a GPT-2 by preset name (downloading if needed) or checkpoint path.
 
-    quantize="int8" quantizes every linear and the tied head at load time from
-    the ordinary checkpoint (weight-only, symmetric, per output channel); dtype
-    stays the compute dtype."""
+    quantize ("int8", "int4", "int8wo": sybil.quant) quantizes every linear and the
+    tied head at load time from the ordinary checkpoint; dtype stays the compute
+    dtype (of activations and the cache)."""
     dev = resolve_device(device)
     dt, _ = resolve_dtype(dtype, dev)
     check_quantize(quantize, dev)  # before any download: a bad value fails at once

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from sybil import native
 
+QK = 32  # columns per activation quantization block (sybil.quant, csrc/int_linear.h)
 EXACT_ROWS = 16  # the torch fallback loops over rows up to here, so steps and verifies agree bit for bit
 
 
@@ -69,42 +70,69 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] float32), weight ~ q * scale."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] int8 -> [ceil(N / 8), K / 8, 64]: for each block of 8 rows, the first 8
-    columns of each row, then the next 8, ... (rows past N are zero)."""
-    n, k = q.shape
-    if k % 8:
-        raise ValueError(f"int8 packing needs K divisible by 8, got {k}")
-    pad = (-n) % 8
-    q = torch.cat([q, q.new_zeros(pad, k)]) if pad else q
-    # [N8 * 8, K] -> [N8, 8 rows, K/8, 8 cols] -> [N8, K/8, 8 rows, 8 cols]
-    return q.view(-1, 8, k // 8, 8).permute(0, 2, 1, 3).reshape(-1, k // 8, 64).contiguous()
-
-
-def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The int8 rows [len(rows), K] of a packed weight (an embedding lookup)."""
-    blocks = packed[rows // 8]  # [R, K/8, 64]
-    r = blocks.shape[0]
-    # [R, K/8, 8 rows, 8 cols] -> this row's 8 columns of each group -> [R, K]
-    sel = blocks.view(r, -1, 8, 8)[torch.arange(r), :, rows % 8]
-    return sel.reshape(r, -1)
-
-
 def linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ (q * scale).T + bias for a packed int8 weight; the result has x's dtype."""
     if use_kernels(x):
         return torch.ops.sybil.linear(x, packed, bias, scale)
+    from sybil.quant import unpack_rows
+
     n = scale.shape[0]
     w = unpack_rows(packed, torch.arange(n, device=packed.device)).to(x.dtype) * scale[:, None].to(x.dtype)
     return _rows(lambda r: F.linear(r, w, bias), x) if x.device.type == "cpu" else F.linear(x, w, bias)
+
+
+def linear_q8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (q * scale).T + bias for a q8 weight [N8, K/32, 8, 32] (sybil.quant), in
+    integer arithmetic on int8 activations; the result has x's dtype."""
+    if use_kernels(x):
+        return torch.ops.sybil.linear(x, packed, bias, scale)
+    from sybil.quant import unpack_rows
+
+    n = scale.shape[0]
+    q = unpack_rows(packed, torch.arange(n)).view(n, -1, QK)  # [N, G, 32]
+    return _rows_int(x, q, scale[:, None], bias)
+
+
+def linear_q4(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T + bias for a q4 weight [N8, K/32, 144] (sybil.quant), in integer
+    arithmetic on int8 activations; the result has x's dtype."""
+    if use_kernels(x):
+        return torch.ops.sybil.linear(x, packed, bias, None)
+    from sybil.quant import dequantize_q4
+
+    q, d = dequantize_q4(packed)
+    return _rows_int(x, q, d, bias)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [M, K] -> (q [M, K/32, 32] int8, s [M, K/32] float32), x ~ q * s: each block of
+    32 columns scaled by its max |x| / 127 (the kernels' rounding: round half to even)."""
+    xb = x.float().reshape(x.shape[0], -1, QK)
+    amax = xb.abs().amax(-1)
+    c = torch.full_like(amax, 127.0)  # tensor / tensor: torch turns a division by a scalar into a multiply
+    inv = torch.where(amax > 0, c / amax, torch.zeros_like(amax))
+    return torch.round(xb * inv[..., None]).to(torch.int8), amax / c
+
+
+def _rows_int(x: torch.Tensor, q: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The integer linears in torch (no kernels): per block, an exact integer dot product
+    (in float32: every partial sum is an integer below 2^24), then the blocks summed
+    with their scales one row at a time (_rows), so a row's bits never depend on the
+    others'. wscale is [N, 1] per channel (q8) or [N, G] per group (q4)."""
+    qf = q.float()
+
+    def one(r: torch.Tensor) -> torch.Tensor:
+        rq, rs = quantize_activations(r.reshape(-1, r.shape[-1]))
+        dots = torch.einsum("mgk,ngk->mng", rq.float(), qf)  # [M, N, G], exact
+        y = (dots * wscale[None] * rs[:, None, :]).sum(-1)
+        y = y + bias.float() if bias is not None else y
+        return y.to(x.dtype).reshape(*r.shape[:-1], -1)
+
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] <= EXACT_ROWS:
+        return _rows(one, x)
+    out = torch.cat([one(flat[i : i + EXACT_ROWS]) for i in range(0, flat.shape[0], EXACT_ROWS)])
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def blocks(x: torch.Tensor, layers, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor

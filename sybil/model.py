@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sybil import matmul, memory
+from sybil import matmul
 from sybil.config import GPTConfig
 from sybil.kv_cache import KVCache
+from sybil.quant import quantize_model
 
 
 class Linear(nn.Linear):
@@ -33,54 +34,6 @@ class Linear(nn.Linear):
         """Outputs start..stop-1 only, from a slice of the weight (a view, no copy)."""
         bias = None if self.bias is None else self.bias[start:stop]
         return matmul.linear(x, self.weight[start:stop], bias)
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8: a packed int8 weight and a float32 scale per output channel
-    (sybil.matmul says why packed); activations and bias stay in the compute dtype."""
-
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
-        q, scale = matmul.quantize_int8(weight)
-        packed = memory.rehome(matmul.pack_int8(q))  # in 2 MiB pages on the CPU: sybil.memory says why
-        return cls(packed, scale, None if bias is None else bias.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul.linear_int8(x, self.packed, self.scale, self.bias)
-
-    def kernel_args(self) -> list[torch.Tensor | None]:
-        """(weight, bias, scale) as torch.ops.sybil.linear takes them (see Linear's)."""
-        b = self._buffers
-        return [b["packed"], self._parameters.get("bias"), b["scale"]]
-
-    def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Outputs start..stop-1 only, from whole packed blocks of 8 rows (views, no copy)."""
-        lo = start - start % 8
-        bias = None if self.bias is None else self.bias[lo:stop]
-        y = matmul.linear_int8(x, self.packed[lo // 8 : (stop + 7) // 8], self.scale[lo:stop], bias)
-        return y[..., start - lo :]
-
-
-class Int8Embedding(nn.Module):
-    """Token embeddings read from the int8 head they are tied to (row n is q[n] * scale[n]),
-    so an int8 model holds no float copy of its largest matrix."""
-
-    def __init__(self, head: Int8Linear, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.head = [head]  # a list: not a submodule, so its buffers are counted once
-        self.dtype = dtype
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        head = self.head[0]
-        flat = idx.reshape(-1)
-        rows = matmul.unpack_rows(head.packed, flat).to(self.dtype) * head.scale[flat, None].to(self.dtype)
-        return rows.view(*idx.shape, -1)
 
 
 class Attention(nn.Module):
@@ -155,6 +108,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in every GPT-2 checkpoint
+        self.quant_mode: str | None = None  # set by quantize()
 
     @property
     def device(self) -> torch.device:
@@ -167,22 +121,12 @@ class GPT(nn.Module):
 
     @property
     def quantized(self) -> str | None:
-        return "int8" if isinstance(self.lm_head, Int8Linear) else None
+        """None, or the sybil.quant mode its weights are in (int8, int4, int8wo)."""
+        return self.quant_mode
 
-    @torch.no_grad()
-    def quantize_int8(self) -> "GPT":
-        """Make every linear and the tied head weight-only int8, in place, dropping each
-        float weight as soon as its int8 copy exists (gpt2-xl in float32 is 6 GB)."""
-        if self.quantized:
-            return self
-        for block in self.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                lin = getattr(parent, name)
-                setattr(parent, name, Int8Linear.from_weight(lin.weight, lin.bias))
-        dtype = self.dtype
-        self.lm_head = Int8Linear.from_weight(self.wte.weight, None)
-        self.wte = Int8Embedding(self.lm_head, dtype)
-        return self
+    def quantize(self, mode: str) -> "GPT":
+        """Quantize every linear and the tied head in place (sybil.quant says how)."""
+        return quantize_model(self, mode)
 
     def forward(
         self,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-SOURCES = ("kernels.cpp", "pool.h")  # what the build reads: all of it keys the cached library
+SOURCES = ("kernels.cpp", "pool.h", "simd.h", "int_linear.h")  # what the build reads: all of it keys the cached library
 
 
 def threads() -> int:

@@ -21,7 +21,7 @@ import torch
 from sybil import native
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
-from sybil.loader import load_model, resolve_device, resolve_dtype
+from sybil.loader import QUANTIZE, QUANTIZE_HELP, load_model, resolve_device, resolve_dtype
 from sybil.logprobs import perplexity, sliding_nll, windows
 from sybil.tokenizer import encode
 
@@ -44,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for Sybil's kernels (default: SYBIL_THREADS, else torch's count, the cores)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: weight-only int8 linears and head (CPU)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help=QUANTIZE_HELP)
     p.add_argument("--json", action="store_true",
                    help='print one object {"perplexity", "tokens", "nll", "seconds"} instead of a line')
     return p

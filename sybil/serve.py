@@ -22,7 +22,8 @@ from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
 from sybil.generate import _k, check_draft_flags
 from sybil.api import build_app
-from sybil.loader import load_draft, load_model, resolve_device, resolve_dtype
+from sybil.loader import (DRAFT_QUANTIZE, DRAFT_QUANTIZE_HELP, QUANTIZE, QUANTIZE_HELP, load_draft, load_model,
+                          resolve_device, resolve_dtype)
 from sybil.scheduler import Scheduler
 
 
@@ -37,9 +38,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for Sybil's kernels (default: SYBIL_THREADS, else torch's count, the cores)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 (CPU)")
-    p.add_argument("--draft-quantize", choices=["auto", "none", "int8"], default="auto",
-                   help="the draft's weights (auto: int8 on the CPU; the output is the target's either way)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help=QUANTIZE_HELP)
+    p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="auto", help=DRAFT_QUANTIZE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")

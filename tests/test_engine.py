@@ -295,7 +295,7 @@ def test_speculative_greedy_equals_plain_greedy_exactly_in_every_mode(spec, mode
     target = sybil.load_model(path, **mode)
     draft = noisy_copy(target if "quantize" not in mode else sybil.load_model(path), 0.02, seed=0)
     if "quantize" in mode:
-        draft.quantize_int8()
+        draft.quantize("int8")
     drafted = accepted = 0
     for p in prompts[:12]:
         plain = sybil.generate(target, p, NEW, stop_at_eos=False).tokens
@@ -309,7 +309,7 @@ def test_speculative_greedy_equals_plain_greedy_exactly_in_every_mode(spec, mode
 
 def test_int8_and_reduced_vocabulary_drafts_are_lossless(spec):
     path, target, _, prompts, plain = spec
-    draft = noisy_copy(target, 0.02, seed=0).quantize_int8()
+    draft = noisy_copy(target, 0.02, seed=0).quantize("int8")
     for p, want in zip(prompts[:12], plain[:12]):
         for kw in (dict(k=4), dict(k=4, draft_vocab=1024), dict(k="auto", draft_vocab=1024)):
             assert sybil.generate(target, p, NEW, draft=draft, stop_at_eos=False, **kw).tokens == want

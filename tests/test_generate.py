@@ -139,7 +139,7 @@ def test_int8_cli_equals_the_int8_api_and_a_cheap_draft_keeps_it(small):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--quantize", "int4"], "invalid choice"),
+        (["--quantize", "int2"], "invalid choice"),
         (["--draft", "ngram", "--draft-vocab", "100"], "model draft"),
         (["--draft", "SMALL", "--draft-vocab", "0"], "between 1 and"),
     ],

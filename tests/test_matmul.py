@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sybil import matmul, native
+from sybil import matmul, native, quant
 
 torch.set_grad_enabled(False)
 PATHS = ["kernels", "torch"]
@@ -59,36 +59,61 @@ def test_bfloat16_linear_rounds_a_float32_accumulation():
     assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-3).all()
 
 
-def test_int8_quantization_error_is_half_a_step():
-    w, _, _ = _data(100, 64, 1, seed=3)
-    q, scale = matmul.quantize_int8(w)
-    assert q.dtype == torch.int8 and scale.shape == (100,)
-    assert q.abs().max() <= 127
-    err = (q.float() * scale[:, None] - w).abs()
-    assert (err <= scale[:, None] / 2 + 1e-7).all()
-    # the largest weight of each row is exactly representable
-    assert torch.allclose((q.float() * scale[:, None]).abs().amax(1), w.abs().amax(1))
-
-
-@pytest.mark.parametrize("n", [8, 21, 64])
-def test_packing_round_trips(n):
-    q = torch.randint(-127, 128, (n, 48), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
-    packed = matmul.pack_int8(q)
-    assert packed.shape == ((n + 7) // 8, 6, 64)
-    assert torch.equal(matmul.unpack_rows(packed, torch.arange(n)), q)
-    rows = torch.tensor([n - 1, 0, n // 2, n - 1])
-    assert torch.equal(matmul.unpack_rows(packed, rows), q[rows])
-
-
 @pytest.mark.parametrize("m", [1, 3, 9])
 def test_int8_linear_matches_dequantized_float(path, m):
     w, b, x = _data(67, 128, m, seed=4)
-    q, scale = matmul.quantize_int8(w)
+    q, scale = quant.quantize_int8(w)
     want = x.double() @ (q.double() * scale.double()[:, None]).T + b.double()
-    got = matmul.linear_int8(x, matmul.pack_int8(q), scale, b)
+    got = matmul.linear_int8(x, quant.pack_int8(q), scale, b)
     assert (got.double() - want).abs().max().item() < 1e-4
-    alone = torch.cat([matmul.linear_int8(x[i : i + 1], matmul.pack_int8(q), scale, b) for i in range(m)])
+    alone = torch.cat([matmul.linear_int8(x[i : i + 1], quant.pack_int8(q), scale, b) for i in range(m)])
     assert torch.equal(got, alone)
+
+
+def _integer_reference(x, q, wscale, b):
+    """An integer linear in float64: x's blocks quantized as the kernels do, exact block
+    dot products, then sum over blocks of dot * x scale * weight scale, plus bias."""
+    xq, xs = matmul.quantize_activations(x)
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), q.double())
+    return (dots * xs.double()[:, None, :] * wscale.double()[None]).sum(-1) + b.double()
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (67, 96), (13, 64), (256, 1024)])  # N tails, a long K
+@pytest.mark.parametrize("m", [1, 2, 4, 9, 17, 50])  # one pass, two, the 48-row chunk and beyond
+def test_q8_linear_is_the_integer_dot_product(path, n, k, m):
+    w, b, x = _data(n, k, m, seed=n * k + m)
+    q, scale = quant.quantize_int8(w)
+    packed = quant.pack_q8(q)
+    got = matmul.linear_q8(x, packed, scale, b)
+    want = _integer_reference(x, q.view(n, -1, 32), scale[:, None], b)
+    assert (got.double() - want).abs().max().item() < 1e-5 * (1 + want.abs().max().item())
+    alone = torch.cat([matmul.linear_q8(x[i : i + 1], packed, scale, b) for i in range(m)])
+    assert torch.equal(got, alone), "a row's bits depend on the other rows"
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (16, 64), (256, 1024)])
+@pytest.mark.parametrize("m", [1, 2, 4, 9, 17, 50])
+def test_q4_linear_is_the_integer_dot_product(path, n, k, m):
+    w, b, x = _data(n, k, m, seed=n * k + m + 1)
+    packed = quant.quantize_q4(w)
+    q, d = quant.dequantize_q4(packed)
+    got = matmul.linear_q4(x, packed, b)
+    want = _integer_reference(x, q, d, b)
+    assert (got.double() - want).abs().max().item() < 1e-5 * (1 + want.abs().max().item())
+    alone = torch.cat([matmul.linear_q4(x[i : i + 1], packed, b) for i in range(m)])
+    assert torch.equal(got, alone), "a row's bits depend on the other rows"
+
+
+def test_activation_blocks_are_quantized_apart():
+    """A huge value in one block sets only that block's scale."""
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(9))
+    x[0, 5] = 300.0
+    q, s = matmul.quantize_activations(x)
+    assert q.shape == (2, 3, 32) and s.shape == (2, 3)
+    assert q[0, 0, 5] == 127 and s[0, 0] == 300.0 / 127
+    err = (q.float() * s[..., None] - x.view(2, 3, 32)).abs()
+    assert (err <= s[..., None] / 2 + 1e-6).all()
+    assert err[0, 1:].max() < 0.05  # the other blocks keep their resolution
 
 
 def _cache(b, h, length, d, dtype, seed):
@@ -141,7 +166,7 @@ def test_fused_blocks_equal_block_by_block(monkeypatch, dtype, quantize):
     config = GPTConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=3, n_head=4)
     model = GPT(config).to(dtype).eval()
     if quantize:
-        model.quantize_int8()
+        model.quantize("int8")
     idx, first = torch.randint(0, 300, (2, 5)), torch.randint(0, 300, (2, 3))
     pos = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 63, 63]])  # row 1: 3 tokens, then padding at the last slot
     runs = []

@@ -56,7 +56,7 @@ def test_the_plain_line_and_the_default_context(small):
     (["--text", TEXT, "--context", "64", "--stride", "100"], "below the context"),
     (["--text", TEXT, "--context", "512"], "longer than the model's context"),
     (["--text", TEXT, "--batch", "0"], "--batch"),
-    (["--text", TEXT, "--quantize", "int4"], "invalid choice"),
+    (["--text", TEXT, "--quantize", "int2"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(small, tmp_path, args, message):
     r = _run("--model", str(small), *args)

@@ -56,7 +56,7 @@ def _serve(*args: str) -> subprocess.CompletedProcess:
     (["--k", "seven"], "--k"),
     (["--k", "3"], "needs --draft"),
     (["--port", "70000"], "--port"),
-    (["--quantize", "int4"], "--quantize"),
+    (["--quantize", "int2"], "--quantize"),
     (["--model", "/nonexistent/checkpoint"], "nonexistent"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(args, message):

@@ -125,7 +125,7 @@ def test_int8_draft_preserves_the_distribution(tiny):
     import copy
 
     target, draft = tiny
-    assert _chi2_pvalue(target, copy.deepcopy(draft).quantize_int8(), SETTINGS[0], k=2) > P_OK
+    assert _chi2_pvalue(target, copy.deepcopy(draft).quantize("int8"), SETTINGS[0], k=2) > P_OK
 
 
 @pytest.mark.parametrize("params", SETTINGS[:2], ids=["t1", "t0.7-topk4"])

@@ -18,6 +18,8 @@
 #include <immintrin.h>
 
 #include "pool.h"  // every parallel region here runs on Sybil's pool: pool.h says why
+#include "simd.h"
+#include "int_linear.h"  // int8 activations against int8 or 4-bit weights
 
 #include <cmath>
 #include <cstdint>
@@ -25,6 +27,7 @@
 
 namespace {
 
+using sybil::hsum;
 using bf16 = c10::BFloat16;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -39,14 +42,6 @@ inline __m256 load8(const int8_t* p) {
 inline float scalar(float v) { return v; }
 inline float scalar(bf16 v) { return static_cast<float>(v); }
 inline float scalar(int8_t v) { return static_cast<float>(v); }
-
-// The one horizontal sum every dot product uses: (lo + hi) halves, then pairs.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 constexpr int64_t NBLOCK = 8;   // output channels per task: the unit of the thread split
 constexpr int MAX_MB = 3;       // rows per pass: 3 rows x 4 channels = 12 running sums in the 16 registers
@@ -143,12 +138,44 @@ void linear_impl(const float* x, int64_t M, int64_t K, const W* w, bool packed, 
   });
 }
 
-// y = x @ w.T (* scale) (+ bias), x [..., K] float32 or bfloat16, w [N, K] float32,
-// bfloat16 or int8 (then scale [N] float32 is required). Accumulates in float32;
-// the result has x's dtype.
+// The integer linears (int_linear.h): q8 int8 [N/8, K/32, 8, 32] with a scale [N],
+// or q4 uint8 [N/8, K/32, 144] (no scale; N = 8 * N/8). xf [M, K] float32.
+at::Tensor int_linear(const at::Tensor& xf, const at::Tensor& w, const at::Tensor& bs, const c10::optional<at::Tensor>& scale) {
+  const bool q4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(w.is_contiguous() && (q4 ? w.dim() == 3 && w.size(2) == sybil::Q4_GROUP : w.dim() == 4 && w.size(2) == 8 &&
+              w.size(3) == sybil::QK), "sybil::linear: not a q8 [N/8, K/32, 8, 32] or q4 [N/8, K/32, 144] weight");
+  TORCH_CHECK(q4 != scale.has_value(), "sybil::linear: q8 weights need a scale, q4 weights take none");
+  const int64_t K = w.size(1) * sybil::QK, N = q4 ? w.size(0) * 8 : scale->numel(), M = xf.size(0);
+  TORCH_CHECK(q4 || w.size(0) == (N + 7) / 8, "sybil::linear: q8 weight does not match scale");
+  TORCH_CHECK(xf.size(1) == K, "sybil::linear: x has ", xf.size(1), " features, weight ", K);
+  at::Tensor sc = q4 ? at::Tensor() : scale->to(at::kFloat).contiguous();
+  auto y = at::empty({M, N}, xf.options());
+  const float* bp = bs.defined() ? bs.data_ptr<float>() : nullptr;
+  if (q4)
+    sybil::int_linear<true>(xf.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, nullptr, bp, y.data_ptr<float>());
+  else
+    sybil::int_linear<false>(xf.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), N, sc.data_ptr<float>(), bp,
+                             y.data_ptr<float>());
+  return y;
+}
+
+// y = x @ w.T (* scale) (+ bias), x [..., K] float32 or bfloat16. w is a float32 or
+// bfloat16 [N, K]; an int8 [N, K] or weight-only packed [N/8, K/8, 64] with a scale
+// [N] (converted to float32 and accumulated in float32); or a q8 / q4 integer
+// weight (int_linear above). The result has x's dtype.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "sybil::linear runs on the CPU");
+  at::Tensor bs;
+  if (bias.has_value()) bs = bias->to(at::kFloat).contiguous();
+  if (w.scalar_type() == at::kByte || w.dim() == 4) {
+    const int64_t K = w.size(1) * sybil::QK;
+    TORCH_CHECK(x.size(-1) == K, "sybil::linear: x has ", x.size(-1), " features, weight ", K);
+    auto y = int_linear(x.to(at::kFloat).contiguous().view({-1, K}), w, bs, scale);
+    auto shape = x.sizes().vec();
+    shape.back() = y.size(1);
+    return y.view(shape).to(x.scalar_type());
+  }
   // A 3-d int8 weight [ceil(N / 8), K / 8, 64] is the packed layout (see dots); N is then scale's length.
   const bool packed = w.dim() == 3;
   TORCH_CHECK((w.dim() == 2 || packed) && w.is_contiguous(), "sybil::linear: weight must be [N, K] or packed");
@@ -159,12 +186,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   auto xf = x.to(at::kFloat).contiguous().view({-1, K});
   const int64_t M = xf.size(0);
   auto y = at::empty({M, N}, xf.options());
-  at::Tensor sc, bs;
+  at::Tensor sc;
   if (w.scalar_type() == at::kChar) {
     TORCH_CHECK(scale.has_value(), "sybil::linear: int8 weights need a scale");
     sc = scale->to(at::kFloat).contiguous();
   }
-  if (bias.has_value()) bs = bias->to(at::kFloat).contiguous();
   const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
   const float* bp = bs.defined() ? bs.data_ptr<float>() : nullptr;
   switch (w.scalar_type()) {

@@ -1,0 +1,207 @@
+// Integer linears: int8 activations against int8 (W8A8) or 4-bit weights, with
+// integer dot products (AVX2 vpmaddubsw / vpmaddwd), as llama.cpp's Q8_0 and
+// Q4_0 do on a CPU.
+//
+// Why: converting every int8 weight to float32 and multiplying in float32 (the
+// weight-only path of kernels.cpp) is compute-bound on 2 AVX2 cores: a step of
+// int8 gpt2-medium took 26-32 ms against a memory floor of 10-16 ms, and a verify
+// of 9 tokens about 3x a step. An integer multiply-add does 32 products per
+// instruction pair instead of 8.
+//
+// Activations: each row is quantized at the input of every linear, per block of
+// 32 columns (a float32 scale per block: blocks keep GPT-2's few huge activation
+// channels from flattening the rest of the row, see the README's accuracy table).
+//
+// Bits: each block's dot product is an exact int32 sum; the blocks of a row are
+// accumulated in float32 in a fixed order (8 lanes over the blocks, then the one
+// hsum of kernels.cpp), and a row is quantized on its own. So a row's result is
+// the same whatever the row count, blocking or thread split: a decode step and a
+// verify give the same bits, as on every other path.
+//
+// Layouts (made by sybil/quant.py), for each block of 8 output rows, per group of
+// 32 columns, one sequential stream:
+//   q8: [N/8, K/32, 8 rows, 32 int8]                               (w ~ q * scale[n])
+//   q4: [N/8, K/32, 8 rows x 16 bytes of nibbles, 8 float16 scales] (w ~ (nib - 8) * s)
+// In a q4 row's 16 bytes, byte j holds column j in its low nibble and j + 16 in
+// its high nibble (llama.cpp's Q4_0 order).
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include "pool.h"
+#include "simd.h"
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace sybil {
+
+constexpr int64_t QK = 32;         // columns per quantization block
+constexpr int64_t Q4_GROUP = 144;  // bytes of one q4 group of 8 rows: 8 x 16 nibble bytes + 8 float16 scales
+
+// One row quantized: q[k] = round(x[k] / s[b]) with s[b] = max |x| over block b / 127
+// (0 for an all-zero block); also |q|, the unsigned operand of vpmaddubsw.
+inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* qa, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < QK; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    s[b] = amax / 127.f;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i v[4];
+    for (int i = 0; i < 4; ++i)
+      v[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), inv),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 x 32 -> int8 x 32; the packs interleave 128-bit lanes, the permute restores the order
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qa + b * QK), _mm256_sign_epi8(p, p));
+  }
+}
+
+// Activations [M, K] quantized once per linear, row by row.
+struct QRows {
+  std::vector<int8_t> q, qa;
+  std::vector<float> s;
+  int64_t M = 0, K = 0;
+  QRows(const float* x, int64_t M_, int64_t K_) : q(M_ * K_), qa(M_ * K_), s(M_ * (K_ / QK)), M(M_), K(K_) {
+    Pool::get().run(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        quantize_row(x + m * K, K, q.data() + m * K, qa.data() + m * K, s.data() + m * (K / QK));
+    });
+  }
+};
+
+// The exact int32 dot product of one block, as 8 lanes: sum over the 32 columns
+// of x * w (|x| times w with x's sign: vpmaddubsw takes one unsigned operand;
+// |x|, |w| <= 127, so its pairwise int16 sums cannot saturate).
+inline __m256i block_dot(const int8_t* xq, const int8_t* xa, __m256i w, __m256i ones) {
+  const __m256i sw = _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa)), sw);
+  return _mm256_madd_epi16(p16, ones);
+}
+
+inline __m256i load_q4(const uint8_t* p) {
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i both = _mm256_blend_epi32(b, _mm256_srli_epi16(b, 4), 0xF0);  // columns 0..15 low, 16..31 high
+  return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
+}
+
+// MB rows against NB rows of one 8-row weight block over groups g0..g1, adding
+// into 8-lane float sums acc[m][n] (rows 8 * 8 floats apart, as in kernels.cpp).
+// Q4 false: q8 weights (their per-row scale is applied after the hsum); true: q4,
+// whose per-group scale multiplies each block's sum here.
+template <bool Q4, int MB, int NB>
+inline void int_dots(const QRows& x, int64_t m0, const void* wblock, int64_t g0, int64_t g1, int n0, float* acc) {
+  const int64_t K = x.K, G = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 a[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) a[m][n] = _mm256_loadu_ps(acc + (m * 8 + n) * 8);
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 xs[MB];
+    for (int m = 0; m < MB; ++m) xs[m] = _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]);
+    const int8_t* xq = x.q.data() + m0 * K + g * QK;
+    const int8_t* xa = x.qa.data() + m0 * K + g * QK;
+    alignas(32) float ws8[8];  // q4: this group's 8 weight scales, converted at once
+    if constexpr (Q4)
+      _mm256_store_ps(ws8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                               static_cast<const uint8_t*>(wblock) + g * Q4_GROUP + 128))));
+    for (int n = 0; n < NB; ++n) {
+      __m256i w;
+      __m256 ws;
+      // Ask for the stream 1 KiB ahead, a prefetch per 64-byte line (a q8 row of a
+      // group is 32 bytes, a q4 one 16 plus its scale): the rows of a block are short
+      // runs that the hardware prefetcher alone does not keep ahead of.
+      if constexpr (Q4) {
+        const uint8_t* grp = static_cast<const uint8_t*>(wblock) + g * Q4_GROUP;
+        if (n % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(grp + (n0 + n) * 16) + 1024, _MM_HINT_T0);
+        w = load_q4(grp + (n0 + n) * 16);
+        ws = _mm256_broadcast_ss(ws8 + n0 + n);
+      } else {
+        const int8_t* wq = static_cast<const int8_t*>(wblock) + (g * 8 + n0 + n) * QK;
+        if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 1024, _MM_HINT_T0);
+        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m256 d = _mm256_cvtepi32_ps(block_dot(xq + m * K, xa + m * K, w, ones));
+        a[m][n] = _mm256_fmadd_ps(d, Q4 ? _mm256_mul_ps(xs[m], ws) : xs[m], a[m][n]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc + (m * 8 + n) * 8, a[m][n]);
+}
+
+template <bool Q4, int MB>
+inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t nb, int64_t g0, int64_t g1, float* acc) {
+#ifndef SYBIL_INT_NB
+#define SYBIL_INT_NB 4
+#endif
+  constexpr int NB = MB == 1 ? 8 : SYBIL_INT_NB;
+  int n = 0;
+  for (; n + NB <= nb; n += NB) int_dots<Q4, MB, NB>(x, m0, wb, g0, g1, n, acc + n * 8);
+  for (; n < nb; ++n) int_dots<Q4, MB, 1>(x, m0, wb, g0, g1, n, acc + n * 8);
+}
+
+// y [M, N] = x [M, K] against an integer weight (layouts above), times scale[n]
+// (q8) and plus bias[n]; float32 out.
+template <bool Q4>
+void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, const float* scale,
+                const float* bias, float* y) {
+  const QRows xq(x, M, K);
+  const int64_t G = K / QK, blocks = (N + 7) / 8;
+  const int64_t block_bytes = Q4 ? G * Q4_GROUP : G * 8 * QK;
+  constexpr int64_t GC = 16;      // groups per chunk: a block's chunk (4 KiB q8) stays in L1 for every pass
+  constexpr int64_t M_CHUNK = 48;
+#ifndef SYBIL_INT_MB
+#define SYBIL_INT_MB 3
+#endif
+  constexpr int MAX_MB = SYBIL_INT_MB;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(block_bytes, 1));
+  Pool::get().run(blocks, grain, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> acc;
+    acc.resize(M_CHUNK * 8 * 8);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 8, nb = std::min<int64_t>(8, N - n0);
+      const uint8_t* wb = static_cast<const uint8_t*>(w) + b * block_bytes;
+      for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
+        const int64_t mc = std::min(M_CHUNK, M - m0), passes = (mc + MAX_MB - 1) / MAX_MB;
+        std::fill(acc.begin(), acc.begin() + mc * 64, 0.f);
+        for (int64_t g0 = 0; g0 < G; g0 += GC) {
+          const int64_t g1 = std::min(g0 + GC, G);
+          int64_t mm = 0;
+          for (int64_t p = 0; p < passes; ++p) {
+            const int64_t mb = (mc - mm) / (passes - p);
+            float* ap = acc.data() + mm * 64;
+            switch (mb) {
+              case 1: int_pass<Q4, 1>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              case 2: int_pass<Q4, 2>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              case 3: int_pass<Q4, 3>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              default: int_pass<Q4, 4>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+            }
+            mm += mb;
+          }
+        }
+        for (int64_t m = 0; m < mc; ++m)
+          for (int64_t n = 0; n < nb; ++n) {
+            float v = hsum(_mm256_loadu_ps(acc.data() + (m * 8 + n) * 8));
+            if (scale) v *= scale[n0 + n];
+            if (bias) v += bias[n0 + n];
+            y[(m0 + m) * N + n0 + n] = v;
+          }
+      }
+    }
+  });
+}
+
+}  // namespace sybil
