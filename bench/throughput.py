@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import sybil
+from bench.llamacpp import llamacpp_peer
 from bench.peers import ct2_installed, ct2_peer
 from bench.workload import SimulatedDrafter, hf_mirror, load_prompts, random_model, real_model
 from sybil.cli import OneLineParser, run_cli
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the draft's weights (auto: int8 where the CPU kernels run)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="the draft's head covers ids below N and <|endoftext|> only")
-    p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 row")
+    p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 and llama.cpp rows")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cpu)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per prompt (64)")
     p.add_argument("--prompts", type=int, default=4, help="prompts from bench/prompts.json (4)")
@@ -329,7 +330,7 @@ def render(rows: list[Row], floor: dict, step: dict, config: dict) -> str:
         )
     elif config["weights"] == "random":
         lines.append("NOTE: random weights: acceptance rates between random models mean nothing.")
-    q = lambda v: " (int8 weights)" if v else ""  # noqa: E731
+    q = lambda v: f" ({v} weights)" if v else ""  # noqa: E731
     head = f" (head: ids < {config['draft_vocab']} and <|endoftext|>)" if config["draft_vocab"] else ""
     lines.append(
         f"target {config['target']}{q(config['quantize'])}, draft {config['draft']}{q(config['draft_quantize'])}{head}, "
@@ -447,6 +448,14 @@ def run(args: argparse.Namespace) -> int:
         if ct2_installed():
             progress("converting the target for CTranslate2")
         ct2, ct2_note = ct2_peer(hf_target if hf_target is not None else hf_mirror(target), dtype, quantize)
+    llama, llama_note = None, ct2_note
+    if not args.no_peers:
+        if dtype != torch.float32:
+            llama_note = "float32 compute only"
+        else:
+            progress("converting the target to GGUF for llama.cpp")
+            llama, llama_note = llamacpp_peer(hf_target if hf_target is not None else hf_mirror(target), quantize,
+                                              native.threads())
     if quantize:
         target.quantize(quantize)
     if draft_quantize:
@@ -514,6 +523,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         progress(f"ct2-generate ({ct2.compute_type})")
         add(run_ct2(ct2, prompts, args.max_new_tokens, args.repeats))
+    if llama is None:
+        rows.append(Row("llamacpp-bench", None, None, note=llama_note))
+    else:
+        depth = round(statistics.median(map(len, prompts)))
+        progress(f"llama-bench ({', '.join(llama.types)}, {args.max_new_tokens} tokens after {depth})")
+        try:
+            for t, tps in llama.decode_tokens_per_s(args.max_new_tokens, depth, max(args.repeats, 3)).items():
+                add(Row("llamacpp-bench", None, tps, decode_tokens_per_s=tps, note=f"{t}, decode only (tg)"))
+        finally:
+            llama.close()
 
     t1 = step["target"]["1"]
     for r in rows:

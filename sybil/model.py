@@ -124,9 +124,9 @@ class GPT(nn.Module):
         """None, or the sybil.quant mode its weights are in (int8, int4, int8wo)."""
         return self.quant_mode
 
-    def quantize(self, mode: str) -> "GPT":
+    def quantize(self, mode: str, smooth: bool = True) -> "GPT":
         """Quantize every linear and the tied head in place (sybil.quant says how)."""
-        return quantize_model(self, mode)
+        return quantize_model(self, mode, smooth)
 
     def forward(
         self,

@@ -233,10 +233,11 @@ HEADS = {"int8": Int8Linear, "int4": Int8Linear, "int8wo": Int8WOLinear}
 
 
 @torch.no_grad()
-def quantize_model(model, mode: str):
+def quantize_model(model, mode: str, smooth_first: bool = True):
     """Make every linear of a sybil.model.GPT and its tied head `mode`, in place,
     dropping each float weight as soon as its quantized copy exists (gpt2-xl in
-    float32 is 6 GB)."""
+    float32 is 6 GB). int8 and int4 fold SmoothQuant in first unless smooth_first is
+    False (bench.accuracy's comparison)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantize mode {mode!r}; use one of {', '.join(MODES)}")
     if model.quantized:
@@ -245,7 +246,8 @@ def quantize_model(model, mode: str):
         return model
     if mode != "int8wo":
         _check_k(model.config.n_embd, mode)
-        smooth(model, calibration_tokens())  # int8 activations: outlier channels into the weights first
+        if smooth_first:  # int8 activations: outlier channels into the weights first
+            smooth(model, calibration_tokens())
     lin = LINEARS[mode]
     for block in model.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
