@@ -112,13 +112,16 @@ inline void int_dots(const QRows& x, int64_t m0, const void* wblock, int64_t g0,
     for (int m = 0; m < MB; ++m) xs[m] = _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]);
     const int8_t* xq = x.q.data() + m0 * K + g * QK;
     const int8_t* xa = x.qa.data() + m0 * K + g * QK;
-    alignas(32) float ws8[8];  // q4: this group's 8 weight scales, converted at once
-    if constexpr (Q4)
-      _mm256_store_ps(ws8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                               static_cast<const uint8_t*>(wblock) + g * Q4_GROUP + 128))));
+    // q4: this group's 8 weight scales times each row's block scale, converted and
+    // multiplied 8 at a time, then broadcast from memory per pair (a load, not an ALU op)
+    alignas(32) float sc[MB][8];
+    if constexpr (Q4) {
+      const __m256 ws8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+          static_cast<const uint8_t*>(wblock) + g * Q4_GROUP + 128)));
+      for (int m = 0; m < MB; ++m) _mm256_store_ps(sc[m], _mm256_mul_ps(ws8, xs[m]));
+    }
     for (int n = 0; n < NB; ++n) {
       __m256i w;
-      __m256 ws;
       // Ask for the stream 1 KiB ahead, a prefetch per 64-byte line (a q8 row of a
       // group is 32 bytes, a q4 one 16 plus its scale): the rows of a block are short
       // runs that the hardware prefetcher alone does not keep ahead of.
@@ -126,15 +129,14 @@ inline void int_dots(const QRows& x, int64_t m0, const void* wblock, int64_t g0,
         const uint8_t* grp = static_cast<const uint8_t*>(wblock) + g * Q4_GROUP;
         if (n % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(grp + (n0 + n) * 16) + 1024, _MM_HINT_T0);
         w = load_q4(grp + (n0 + n) * 16);
-        ws = _mm256_broadcast_ss(ws8 + n0 + n);
       } else {
         const int8_t* wq = static_cast<const int8_t*>(wblock) + (g * 8 + n0 + n) * QK;
-        if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 1024, _MM_HINT_T0);
+        if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 2048, _MM_HINT_T0);
         w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
       }
       for (int m = 0; m < MB; ++m) {
         const __m256 d = _mm256_cvtepi32_ps(block_dot(xq + m * K, xa + m * K, w, ones));
-        a[m][n] = _mm256_fmadd_ps(d, Q4 ? _mm256_mul_ps(xs[m], ws) : xs[m], a[m][n]);
+        a[m][n] = _mm256_fmadd_ps(d, Q4 ? _mm256_broadcast_ss(&sc[m][n0 + n]) : xs[m], a[m][n]);
       }
     }
   }
