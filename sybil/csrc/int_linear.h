@@ -90,18 +90,11 @@ inline __m256i block_dot(const int8_t* xq, const int8_t* xa, __m256i w, __m256i 
   return _mm256_madd_epi16(p16, ones);
 }
 
-inline __m256i load_q4(const uint8_t* p) {
-  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i both = _mm256_blend_epi32(b, _mm256_srli_epi16(b, 4), 0xF0);  // columns 0..15 low, 16..31 high
-  return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
-}
-
-// MB rows against NB rows of one 8-row weight block over groups g0..g1, adding
-// into 8-lane float sums acc[m][n] (rows 8 * 8 floats apart, as in kernels.cpp).
-// Q4 false: q8 weights (their per-row scale is applied after the hsum); true: q4,
-// whose per-group scale multiplies each block's sum here.
-template <bool Q4, int MB, int NB>
-inline void int_dots(const QRows& x, int64_t m0, const void* wblock, int64_t g0, int64_t g1, int n0, float* acc) {
+// MB rows against NB rows of one 8-row q8 weight block over groups g0..g1, adding
+// into 8-lane float sums acc[m][n] (rows 8 * 8 floats apart, as in kernels.cpp);
+// the weights' per-row scale is applied after the hsum.
+template <int MB, int NB>
+inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0, int64_t g1, int n0, float* acc) {
   const int64_t K = x.K, G = K / QK;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 a[MB][NB];
@@ -112,31 +105,15 @@ inline void int_dots(const QRows& x, int64_t m0, const void* wblock, int64_t g0,
     for (int m = 0; m < MB; ++m) xs[m] = _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]);
     const int8_t* xq = x.q.data() + m0 * K + g * QK;
     const int8_t* xa = x.qa.data() + m0 * K + g * QK;
-    // q4: this group's 8 weight scales times each row's block scale, converted and
-    // multiplied 8 at a time, then broadcast from memory per pair (a load, not an ALU op)
-    alignas(32) float sc[MB][8];
-    if constexpr (Q4) {
-      const __m256 ws8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-          static_cast<const uint8_t*>(wblock) + g * Q4_GROUP + 128)));
-      for (int m = 0; m < MB; ++m) _mm256_store_ps(sc[m], _mm256_mul_ps(ws8, xs[m]));
-    }
     for (int n = 0; n < NB; ++n) {
-      __m256i w;
-      // Ask for the stream 1 KiB ahead, a prefetch per 64-byte line (a q8 row of a
-      // group is 32 bytes, a q4 one 16 plus its scale): the rows of a block are short
-      // runs that the hardware prefetcher alone does not keep ahead of.
-      if constexpr (Q4) {
-        const uint8_t* grp = static_cast<const uint8_t*>(wblock) + g * Q4_GROUP;
-        if (n % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(grp + (n0 + n) * 16) + 1024, _MM_HINT_T0);
-        w = load_q4(grp + (n0 + n) * 16);
-      } else {
-        const int8_t* wq = static_cast<const int8_t*>(wblock) + (g * 8 + n0 + n) * QK;
-        if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 2048, _MM_HINT_T0);
-        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
-      }
+      const int8_t* wq = wblock + (g * 8 + n0 + n) * QK;
+      // Ask for the stream 2 KiB ahead, once per 64-byte line: the rows of a block are
+      // short runs that the hardware prefetcher alone does not keep ahead of.
+      if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 2048, _MM_HINT_T0);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
       for (int m = 0; m < MB; ++m) {
         const __m256 d = _mm256_cvtepi32_ps(block_dot(xq + m * K, xa + m * K, w, ones));
-        a[m][n] = _mm256_fmadd_ps(d, Q4 ? _mm256_broadcast_ss(&sc[m][n0 + n]) : xs[m], a[m][n]);
+        a[m][n] = _mm256_fmadd_ps(d, xs[m], a[m][n]);
       }
     }
   }
@@ -144,15 +121,69 @@ inline void int_dots(const QRows& x, int64_t m0, const void* wblock, int64_t g0,
     for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc + (m * 8 + n) * 8, a[m][n]);
 }
 
+// MB rows against NP pairs of rows of one 8-row q4 block (pairs p0..p0+NP), adding
+// into 8-lane float sums acc[m][p]: lanes 0-3 for row 2p, 4-7 for row 2p + 1.
+// One 32-byte load holds two rows' nibbles; against it x's columns 0..15 (low
+// nibbles) and 16..31 (high) are each broadcast to both halves, so one unpack and
+// one multiply-add serve two weight rows. The nibbles are used unsigned (0..15: no
+// sign trick, and two products of a byte pair stay far inside int16, so two
+// maddubs add before one widening madd), and 8 * sum(x) is subtracted per block:
+// sum x * (u - 8), exact in int32. Then times (row's d) * (x's block scale).
+template <int MB, int NP>
+inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g0, int64_t g1, int p0, float* acc) {
+  const int64_t K = x.K, G = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  __m256 a[MB][NP];
+  for (int m = 0; m < MB; ++m)
+    for (int p = 0; p < NP; ++p) a[m][p] = _mm256_loadu_ps(acc + (m * 8 + p) * 8);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* grp = wblock + g * Q4_GROUP;
+    _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024 + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024 + 128, _MM_HINT_T0);
+    const __m256 ws8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(grp + 128)));
+    __m256i xlo[MB], xhi[MB], corr[MB];
+    __m256 sc[MB];
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xq = x.q.data() + (m0 + m) * K + g * QK;
+      xlo[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
+      xhi[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
+      corr[m] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(eight, xlo[m]),
+                                                   _mm256_maddubs_epi16(eight, xhi[m])), ones);
+      sc[m] = _mm256_mul_ps(ws8, _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]));  // row n's d * x's scale, lane n
+    }
+    for (int p = 0; p < NP; ++p) {
+      const int q = p0 + p;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + q * 32));  // rows 2q, 2q + 1
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      const __m256i pick = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
+      for (int m = 0; m < MB; ++m) {
+        const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
+        const __m256i d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), corr[m]);
+        a[m][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(sc[m], pick), a[m][p]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int p = 0; p < NP; ++p) _mm256_storeu_ps(acc + (m * 8 + p) * 8, a[m][p]);
+}
+
 template <bool Q4, int MB>
 inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t nb, int64_t g0, int64_t g1, float* acc) {
-#ifndef SYBIL_INT_NB
-#define SYBIL_INT_NB 4
-#endif
-  constexpr int NB = MB == 1 ? 8 : SYBIL_INT_NB;
+  if constexpr (Q4) {  // a q4 block always has 8 rows (sybil.quant requires N % 8 == 0)
+    if constexpr (MB == 1) {
+      q4_dots<1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
+    } else {
+      q4_dots<MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
+      q4_dots<MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 2, acc + 2 * 8);
+    }
+    return;
+  }
+  constexpr int NB = MB == 1 ? 8 : 4;
+  const int8_t* w = static_cast<const int8_t*>(wb);
   int n = 0;
-  for (; n + NB <= nb; n += NB) int_dots<Q4, MB, NB>(x, m0, wb, g0, g1, n, acc + n * 8);
-  for (; n < nb; ++n) int_dots<Q4, MB, 1>(x, m0, wb, g0, g1, n, acc + n * 8);
+  for (; n + NB <= nb; n += NB) q8_dots<MB, NB>(x, m0, w, g0, g1, n, acc + n * 8);
+  for (; n < nb; ++n) q8_dots<MB, 1>(x, m0, w, g0, g1, n, acc + n * 8);
 }
 
 // y [M, N] = x [M, K] against an integer weight (layouts above), times scale[n]
@@ -165,10 +196,7 @@ void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, 
   const int64_t block_bytes = Q4 ? G * Q4_GROUP : G * 8 * QK;
   constexpr int64_t GC = 16;      // groups per chunk: a block's chunk (4 KiB q8) stays in L1 for every pass
   constexpr int64_t M_CHUNK = 48;
-#ifndef SYBIL_INT_MB
-#define SYBIL_INT_MB 3
-#endif
-  constexpr int MAX_MB = SYBIL_INT_MB;
+  constexpr int MAX_MB = 3;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(block_bytes, 1));
   Pool::get().run(blocks, grain, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> acc;
@@ -196,7 +224,13 @@ void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, 
         }
         for (int64_t m = 0; m < mc; ++m)
           for (int64_t n = 0; n < nb; ++n) {
-            float v = hsum(_mm256_loadu_ps(acc.data() + (m * 8 + n) * 8));
+            float v;
+            if constexpr (Q4) {  // row n's four lanes of its pair's sums, in a fixed order
+              const float* l = acc.data() + (m * 8 + n / 2) * 8 + (n % 2) * 4;
+              v = (l[0] + l[2]) + (l[1] + l[3]);
+            } else {
+              v = hsum(_mm256_loadu_ps(acc.data() + (m * 8 + n) * 8));
+            }
             if (scale) v *= scale[n0 + n];
             if (bias) v += bias[n0 + n];
             y[(m0 + m) * N + n0 + n] = v;
