@@ -505,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
     base = rows[0]
 
     if hf_target is None:
-        note = "skipped (--no-hf)" if args.no_hf else "n/a for int8" if quantize else "not installed"
+        note = "skipped (--no-hf)" if args.no_hf else f"n/a for {quantize}" if quantize else "not installed"
         rows += [Row("hf-generate", None, None, note=note), Row("hf-assisted", "hf", None, note=note)]
     else:
         with torch_threads(native.threads()):  # transformers computes with torch's own threads
@@ -530,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
         progress(f"llama-bench ({', '.join(llama.types)}, {args.max_new_tokens} tokens after {depth})")
         try:
             for t, tps in llama.decode_tokens_per_s(args.max_new_tokens, depth, max(args.repeats, 3)).items():
-                add(Row("llamacpp-bench", None, tps, decode_tokens_per_s=tps, note=f"{t}, decode only (tg)"))
+                add(Row(f"llamacpp-bench {t}", None, tps, decode_tokens_per_s=tps, note="decode only (tg)"))
         finally:
             llama.close()
 
