@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -27,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 import sybil
+from bench.throughput import step_costs
 from bench.workload import plant_outliers, random_model, real_model
 from sybil import native
 from sybil.cli import OneLineParser, run_cli
 from sybil.drafters import weight_bytes
 from sybil.errors import SybilError
-from sybil.kv_cache import KVCache
 from sybil.logprobs import perplexity, sliding_nll
 from sybil.tokenizer import encode
 
@@ -50,21 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def step_ms(model: sybil.GPT, widths=(1, 5, 9), context: int = 256, repeats: int = 7) -> dict[int, float]:
-    """Median ms of a forward of each width with `context` tokens cached, widths taking turns."""
-    top = max(widths)
-    cache = KVCache.for_model(model.config, 1, context + top, dtype=model.dtype)
-    idx = torch.randint(0, model.config.vocab_size, (1, context + top), generator=torch.Generator().manual_seed(0))
-    model(idx[:, :context], cache)
-    times: dict[int, list[float]] = {w: [] for w in widths}
-    for r in range(repeats + 1):
-        for w in widths:
-            cache.truncate(context)
-            t = time.perf_counter()
-            model(idx[:, context : context + w], cache)
-            if r:
-                times[w].append(time.perf_counter() - t)
-    return {w: 1000 * statistics.median(ts) for w, ts in times.items()}
+def step_ms(model: sybil.GPT, widths=(1, 5, 9)) -> dict[int, float]:
+    """Median ms of a forward of each width with 256 tokens cached (bench.throughput's)."""
+    ms = step_costs({str(w): (model, w, None) for w in widths})
+    return {w: ms[str(w)] for w in widths}
 
 
 def quantized(model: sybil.GPT, path: str) -> sybil.GPT:
@@ -87,7 +74,8 @@ def measure(base: sybil.GPT, idx: torch.Tensor, text: list[int]) -> list[dict]:
         got = model(idx).float()
         logp = F.log_softmax(got, -1)
         kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()  # KL(float32 || path)
-        nll, n = sliding_nll(model, text, context=min(512, model.config.n_positions), stride=256)
+        context = min(512, model.config.n_positions)
+        nll, n = sliding_nll(model, text, context=context, stride=context // 2)
         ms = step_ms(model)
         rows.append({
             "path": path, "MB_per_token": weight_bytes(model) / 1e6,

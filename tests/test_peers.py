@@ -28,3 +28,34 @@ def test_ct2_greedy_equals_sybil_greedy_on_the_same_weights(hf_checkpoint):
     prompt = encode("The meaning of life is")
     want = sybil.generate(model, prompt, 12, stop_at_eos=False).tokens
     assert peer.generate(prompt, 12) == want
+
+
+def test_llamacpp_row_says_why_when_it_is_not_built(tmp_path, monkeypatch):
+    from bench import llamacpp
+
+    monkeypatch.setenv("SYBIL_LLAMACPP", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    peer, why = llamacpp.llamacpp_peer(object(), "int8", 2)
+    assert peer is None and "build_llamacpp.sh" in why
+
+
+def test_llamacpp_gets_the_same_weights(hf_checkpoint):
+    from bench import llamacpp
+
+    if llamacpp.why_unavailable():
+        pytest.skip(f"llama.cpp: {llamacpp.why_unavailable()}")
+    import gguf
+
+    model = sybil.load_model(hf_checkpoint("small"))
+    peer, why = llamacpp.llamacpp_peer(hf_mirror(model), None, 2)
+    assert peer is not None, why
+    try:
+        reader = gguf.GGUFReader(str(peer.files["F32"]))
+        tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+        assert torch.equal(tensors["token_embd.weight"].view(model.wte.weight.shape), model.wte.weight)
+        # GGUF stores the projections as [out, in] rows, as Sybil's nn.Linear does
+        fc = model.h[1].mlp.c_fc.weight
+        assert torch.equal(tensors["blk.1.ffn_up.weight"].view(fc.shape), fc)
+        assert peer.decode_tokens_per_s(4, 4, 1)["F32"] > 0
+    finally:
+        peer.close()

@@ -78,26 +78,28 @@ def test_missing_real_weights_suggest_random(tmp_path, capsys, monkeypatch):
     assert "--weights random" in capsys.readouterr().err
 
 
-def test_int8_run_records_its_precision_and_a_peer_row_or_why_not(tiny_pair, tmp_path, capsys):
+@pytest.mark.parametrize("mode, share", [("int8", 0.4), ("int4", 0.35)])
+def test_quantized_run_records_its_precision_and_a_peer_row_or_why_not(tiny_pair, tmp_path, capsys, mode, share):
     target, draft = tiny_pair
     out = tmp_path / "bench.json"
     code = throughput.main(
         ["--target", str(target), "--draft", str(draft), "--quick", "--simulate-acceptance", "0.8", "--k", "1",
-         "--quantize", "int8", "--draft-quantize", "int8", "--draft-vocab", "1000", "--json", str(out)]
+         "--quantize", mode, "--draft-quantize", mode, "--draft-vocab", "1000", "--json", str(out)]
     )
     assert code == 0
     table = capsys.readouterr().out
-    assert "(int8 weights)" in table and "ids < 1000" in table
+    assert f"({mode} weights)" in table and "ids < 1000" in table
     rec = json.loads(out.read_text())
-    assert rec["config"]["quantize"] == "int8" and rec["config"]["draft_quantize"] == "int8"
+    assert rec["config"]["quantize"] == mode and rec["config"]["draft_quantize"] == mode
     runs = {r["name"]: r for r in rec["runs"]}
-    assert runs["hf-generate"]["note"] == "n/a for int8"  # transformers has no matching int8 path
+    assert runs["hf-generate"]["note"] == f"n/a for {mode}"  # transformers has no matching path
     ct2 = runs["ct2-generate"]
     assert (ct2["tokens_per_s"] or 0) > 0 or ct2["note"]  # measured, or it says why not
-    # int8 weights are counted at a byte each (plus a scale per row), not four
+    assert runs["llamacpp-bench"]["note"] == "skipped (--quick)"
+    # quantized weights are counted at their bytes (int4's head stays int8), not four per weight
     import sybil
 
-    assert rec["floor"]["weight_bytes"] < 0.4 * throughput.weight_bytes(sybil.load_model(target))
+    assert rec["floor"]["weight_bytes"] < share * throughput.weight_bytes(sybil.load_model(target))
 
 
 def test_simulated_acceptance_stays_true(tiny_pair):
