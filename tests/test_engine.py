@@ -288,14 +288,15 @@ def test_auto_k_falls_back_to_plain_steps_when_drafts_never_land(spec):
 
 # --- lossless in every fast path: token for token, not "up to floating point" ----------
 
-@pytest.mark.parametrize("mode", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(quantize="int8")],
-                         ids=["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("mode", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(quantize="int8"),
+                                  dict(quantize="int4"), dict(quantize="int8wo")],
+                         ids=["float32", "bfloat16", "int8", "int4", "int8wo"])
 def test_speculative_greedy_equals_plain_greedy_exactly_in_every_mode(spec, mode):
     path, _, _, prompts, _ = spec
     target = sybil.load_model(path, **mode)
     draft = noisy_copy(target if "quantize" not in mode else sybil.load_model(path), 0.02, seed=0)
     if "quantize" in mode:
-        draft.quantize("int8")
+        draft.quantize(mode["quantize"])
     drafted = accepted = 0
     for p in prompts[:12]:
         plain = sybil.generate(target, p, NEW, stop_at_eos=False).tokens
@@ -402,8 +403,9 @@ SAMPLING = [dict(temperature=0.7, top_k=50), dict(temperature=1.0, top_p=0.9), d
                                                                                     top_p=0.95)]
 
 
-@pytest.mark.parametrize("mode", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(quantize="int8")],
-                         ids=["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("mode", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(quantize="int8"),
+                                  dict(quantize="int4"), dict(quantize="int8wo")],
+                         ids=["float32", "bfloat16", "int8", "int4", "int8wo"])
 def test_a_seeded_sample_is_the_same_tokens_with_any_draft_k_and_batch(spec, mode):
     """Every position's token is drawn with noise keyed by (seed, position), so the draft,
     K, k="auto", n-gram drafting and the batch change only the speed: list equality."""
