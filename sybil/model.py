@@ -116,7 +116,7 @@ class GPT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (activations and cache); int8 weights compute in it too."""
+        """The compute dtype (activations and cache); quantized weights compute in it too."""
         return self.ln_f.weight.dtype
 
     @property

@@ -104,7 +104,7 @@ def run(args) -> int:
     scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab)
     served = args.served_model_name or args.model
     what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
-    what += ", int8 weights" if model.quantized else ""
+    what += f", {model.quantized} weights" if model.quantized else ""
     what += f", draft {args.draft} k={args.k})" if args.draft else ")"
     serve(scheduler, served, sock, args.shutdown_grace, what)
     return 0
