@@ -122,18 +122,28 @@ def test_repeated_prompt_flags_make_a_batch(small):
     assert len(lines) == 2 and lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
 
 
-def test_int8_cli_equals_the_int8_api_and_a_cheap_draft_keeps_it(small):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_cli_equals_the_api_and_a_cheap_draft_keeps_it(small, mode):
     import sybil
 
     args = ["--model", small, "--prompt-ids", "11,22,33", "--max-new-tokens", "10", "--json", "--ignore-eos"]
-    r = _run(*args, "--quantize", "int8")
+    r = _run(*args, "--quantize", mode)
     assert r.returncode == 0, r.stderr
-    want = sybil.generate(sybil.load_model(small, quantize="int8"), [11, 22, 33], 10, stop_at_eos=False).tokens
+    want = sybil.generate(sybil.load_model(small, quantize=mode), [11, 22, 33], 10, stop_at_eos=False).tokens
     assert json.loads(r.stdout)["tokens"] == want
-    # an int8 draft with a reduced head proposes; the int8 target decides
-    spec = _run(*args, "--quantize", "int8", "--draft", small, "--draft-quantize", "int8", "--draft-vocab", "500")
+    # a quantized draft (auto: int4) with a reduced head proposes; the target decides
+    spec = _run(*args, "--quantize", mode, "--draft", small, "--draft-quantize", "auto", "--draft-vocab", "500")
     assert spec.returncode == 0, spec.stderr
     assert json.loads(spec.stdout)["tokens"] == want
+
+
+def test_a_width_the_integer_formats_cannot_hold_is_a_one_line_error(hf_checkpoint):
+    odd = str(hf_checkpoint("width-48", n_layer=1, n_head=4, n_embd=48, n_positions=64))
+    r = _run("--model", odd, "--prompt", "hi", "--quantize", "int4")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "int8wo" in errors[0] and "Traceback" not in r.stderr
+    ok = _run("--model", odd, "--prompt-ids", "1,2", "--max-new-tokens", "3", "--quantize", "int8wo", "--json")
+    assert ok.returncode == 0, ok.stderr
 
 
 @pytest.mark.parametrize(
