@@ -296,7 +296,7 @@ async def _sse(req: CompletionRequest, choices: list[Choice], events: asyncio.Qu
 def build_app(scheduler: Scheduler, name: str, shutdown_grace_s: float = 5.0) -> FastAPI:
     """The FastAPI app around a started-or-not scheduler; its lifespan starts the
     scheduler and stops it (after up to shutdown_grace_s) on shutdown."""
-    metrics = Metrics(lambda: scheduler.running, lambda: scheduler.queued)
+    metrics = Metrics(lambda: scheduler.running, lambda: scheduler.queued, lambda: scheduler.batch.cached_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

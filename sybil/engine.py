@@ -101,24 +101,44 @@ class Decoder:
         self.cache = KVCache.for_model(model.config, slots, max_len, dtype=model.dtype, device=model.device)
         self.graphs = StepGraphs(model, self.cache) if graphs else None
         self.draft_s = self.verify_s = 0.0  # time of the last round
+        # A slot's cache entries are bitwise what recomputing them gives only where every
+        # kernel computes rows and queries independently whatever the split: the CPU kernels.
+        self.reuse = self.cache.k.device.type == "cpu" and native.available() and \
+            model.dtype in (torch.float32, torch.bfloat16)
+        self.cached = 0  # prompt tokens the last add took from its slot's earlier sequence
+
+    def reusable(self, slot: int, prompt: list[int]) -> int:
+        """How many of prompt's cache entries (all but its last token's) the slot already
+        holds: the prefix it shares with the slot's earlier sequence, up to the entries
+        that sequence left valid (every committed token but the last)."""
+        if not self.reuse:
+            return 0
+        old, n = self.seqs[slot], min(int(self.cache.lengths[slot]), len(prompt) - 1)
+        keep = 0
+        while keep < n and old[keep] == prompt[keep]:
+            keep += 1
+        return keep
 
     def add(
         self, slot: int, prompt: list[int], params: SamplingParams, seed: int | None,
         logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> list[TokenLogprob | None] | None:
-        """Start a sequence in a slot. Its pointers go back to 0 (whatever an earlier
-        sequence left there is stale and never read) and its prompt, all but the
+        """Start a sequence in a slot. Its pointers go back to the prefix it shares with
+        the slot's earlier sequence (reusable: a prompt cache; past it, what the earlier
+        sequence left is stale and never read) and the rest of its prompt, all but the
         last token, is prefilled on that slot alone: eager, its shape is one-off.
         logprobs=N: each round reports its tokens' log-probabilities with N
         alternatives. prompt_logprobs=N: the prefill computes logits too and this
         returns the prompt tokens' (the first has none: nothing predicts it)."""
+        keep = self.reusable(slot, prompt) if prompt_logprobs is None else 0  # scoring needs every logit
+        self.cached = keep
         self.seqs[slot], self.params[slot], self.seeds[slot] = list(prompt), params, seed
         self.top[slot] = logprobs
         self.counts[slot] = torch.zeros(self.model.config.vocab_size) if params.penalised else None
-        self.cache.set_lengths(slot, [0])
+        self.cache.set_lengths(slot, [keep])
         scored = None
         if prompt_logprobs is None:
-            prefill_row(self.model, self.cache, slot, prompt[:-1])
+            prefill_row(self.model, self.cache, slot, prompt[keep:-1])
         else:
             scored = [None]
             for lo in range(0, len(prompt) - 1, PROMPT_SCORE_CHUNK):
@@ -126,8 +146,8 @@ class Decoder:
                 rows = [part if b == slot else [] for b in range(self.cache.batch)]
                 logits = forward_rows(self.model, self.cache, rows)[slot, : len(part)]  # [len(part), V]
                 scored += score(logits, prompt[lo + 1 : lo + 1 + len(part)], prompt_logprobs)
-        if self.drafter is not None:
-            self.drafter.rewind([0 if b == slot else len(s) for b, s in enumerate(self.seqs)])
+        if self.drafter is not None:  # the draft's entries of the shared prefix are as valid as the target's
+            self.drafter.rewind([keep if b == slot else len(s) for b, s in enumerate(self.seqs)])
         return scored
 
     def round(self, ks: list[int | None]) -> list[Round | None]:
@@ -376,6 +396,7 @@ class _Row:
     stop_at_eos: bool
     tel: _Telemetry
     start: float
+    cached: int = 0  # prompt tokens whose cache entries its slot already held
     first_s: float | None = None
     first_n: int = 0
 
@@ -403,6 +424,7 @@ class Batch:
             self.controller.draft_prior = getattr(drafter, "cost_prior", 1.0)
         self.dec = Decoder(model, slots, max_len, drafter, graphs)
         self.rows: list[_Row | None] = [None] * slots
+        self.cached_tokens = 0  # prompt tokens taken from the slots' earlier sequences, in all
 
     @property
     def active(self) -> int:
@@ -410,6 +432,12 @@ class Batch:
 
     def free_slots(self) -> list[int]:
         return [b for b, r in enumerate(self.rows) if r is None]
+
+    def best_slot(self, prompt: list[int], among: list[int]) -> int:
+        """Of the free slots `among`, the one whose earlier sequence shares the longest
+        prefix with prompt (its entries are reused, as llama.cpp's server picks slots);
+        the first on a tie."""
+        return max(among, key=lambda b: (self.dec.reusable(b, prompt), -b))
 
     def add(
         self, slot: int, out: Generation, max_new: int, params: SamplingParams, seed: int | None,
@@ -426,7 +454,8 @@ class Batch:
             seed = secrets.randbits(63)  # unseeded sampling: a fresh seed, the same rule
         out.prompt_logprobs = self.dec.add(slot, out.prompt_ids, params, seed, logprobs, prompt_logprobs)
         out.logprobs = [] if logprobs is not None else None
-        row = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start)
+        self.cached_tokens += self.dec.cached
+        row = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start, self.dec.cached)
         if max_new == 0:
             row.first_s = time.perf_counter() - start
             out.finish_reason, out.stats = "length", self._stats(row, row.first_s)
@@ -506,5 +535,6 @@ class Batch:
             "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
             "total_s": end_s,
             "new_tokens": len(row.out.tokens),
+            "cached_prompt_tokens": row.cached,
             **row.tel.as_dict(end_s),
         }

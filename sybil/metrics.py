@@ -14,7 +14,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, running: Callable[[], int], queued: Callable[[], int]) -> None:
+    def __init__(self, running: Callable[[], int], queued: Callable[[], int], cached: Callable[[], int] = lambda: 0
+                 ) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("sybil_requests", "Completion requests answered, by HTTP status", ["status"], registry=r)
         self.prompt_tokens = Counter("sybil_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
@@ -23,6 +24,8 @@ class Metrics:
         self.accepted_tokens = Counter("sybil_accepted_tokens", "Draft tokens the target accepted", registry=r)
         Gauge("sybil_running_requests", "Requests decoding in the batch", registry=r).set_function(running)
         Gauge("sybil_queued_requests", "Requests waiting for a slot", registry=r).set_function(queued)
+        Gauge("sybil_cached_prompt_tokens", "Prompt tokens whose cache entries a slot already held (so far, in all)",
+              registry=r).set_function(cached)
         self.ttft = Histogram(
             "sybil_time_to_first_token_seconds", "From a request's arrival to its first token",
             buckets=LATENCY_BUCKETS, registry=r,

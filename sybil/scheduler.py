@@ -176,9 +176,10 @@ class Scheduler:
                     self.queue.remove(job)
                     job.emit(Event([], finish_reason="cancelled"))
                 admit = []
-                for slot in self.batch.free_slots():
-                    if not self.queue:
-                        break
+                free = [b for b in self.batch.free_slots() if self.jobs[b] is None]
+                while self.queue and free:  # each job to the free slot holding most of its prompt
+                    slot = self.batch.best_slot(self.queue[0].prompt, free)
+                    free.remove(slot)
                     job = self.queue.popleft()
                     self.jobs[slot] = job
                     admit.append((slot, job))

@@ -429,3 +429,15 @@ def test_a_seeded_sample_through_the_server_with_a_draft_equals_plain_decoding(c
                                                                  "return_token_ids": True})
             want = plain(local, ids, 12, temperature=temperature, top_p=0.9, top_k=50, seed=seed, stop_at_eos=False)
             assert r.choices[0].model_extra["token_ids"] == want.tokens, (seed, temperature)
+
+
+def test_a_repeated_prompt_reuses_its_slot_entries_and_answers_the_same(server, client, local):
+    """The prompt cache: the second request for a long prompt takes its entries from the
+    slot the first one left, counted in /metrics; both answers are the solo answer."""
+    prompt = " ".join(PROMPTS) * 2
+    want = solo(local, encode(prompt), 12, temperature=0)[0]
+    before = _metric(server, "sybil_cached_prompt_tokens")
+    texts = [client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+             for _ in range(2)]
+    assert texts == [want, want]
+    assert _metric(server, "sybil_cached_prompt_tokens") - before >= len(encode(prompt)) - 1

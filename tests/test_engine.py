@@ -426,3 +426,50 @@ def test_a_seeded_sample_is_the_same_tokens_with_any_draft_k_and_batch(spec, mod
                                    **{**kw, "seed": [99, seed, 98]})
             assert batch[1].tokens == want, (seed, sampling, "batch row")
     assert runs["model K=4"].stats["accepted"] > 0  # the drafts did land: speculation ran
+
+
+# --- the prompt cache: a slot's earlier sequence lends its shared prefix ----------------
+
+def _finish(batch, slot, prompt, n):
+    from sybil.engine import Generation
+
+    out = Generation(prompt_ids=prompt)
+    batch.add(slot, out, n, SamplingParams(), None, stop_at_eos=False)
+    while batch.rows[slot] is not None:
+        batch.step()
+    return out
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_a_slot_reuses_the_prefix_it_shares_and_nothing_more(spec, with_draft):
+    path, _, drafts, prompts, _ = spec
+    target = sybil.load_model(path)
+    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2) if with_draft else None
+    batch = Batch(target, 2, 128, drafter, k=3)
+    a = prompts[0] + prompts[1]
+    first = _finish(batch, 0, a, 8)
+    assert first.stats["cached_prompt_tokens"] == 0
+    diverging = a[:9] + prompts[2]  # shares 9 tokens, then differs
+    extending = a + first.tokens[:5]  # runs past the old prompt into what was generated
+    for prompt, shared in ((diverging, 9), (extending, len(a) + 4), (prompts[3], 0)):
+        assert _finish(batch, 0, a, 8).tokens == first.tokens  # the slot holds a and its tokens again
+        out = _finish(batch, 0, prompt, 8)
+        assert out.stats["cached_prompt_tokens"] == shared
+        assert out.tokens == sybil.generate(target, prompt, 8, stop_at_eos=False).tokens
+        n = len(prompt) - 1
+        assert _finish(batch, 0, prompt, 1).stats["cached_prompt_tokens"] == n  # the same prompt again: all of it
+        # the entries are the ones a fresh prefill writes, bit for bit
+        fresh = Decoder(target, 1, 128)
+        fresh.add(0, prompt, SamplingParams(), None)
+        assert torch.equal(batch.dec.cache.k[:, 0, :, :n], fresh.cache.k[:, 0, :, :n])
+        assert torch.equal(batch.dec.cache.v[:, 0, :, :n], fresh.cache.v[:, 0, :, :n])
+
+
+def test_a_request_goes_to_the_free_slot_holding_most_of_its_prompt(spec):
+    path, _, _, prompts, _ = spec
+    batch = Batch(sybil.load_model(path), 3, 128)
+    for slot in (0, 1):
+        _finish(batch, slot, prompts[slot] * 2, 4)
+    assert batch.best_slot(prompts[1] * 2 + prompts[3], [0, 1, 2]) == 1
+    assert batch.best_slot(prompts[4], [0, 1, 2]) == 0  # nothing shared: the first free slot
+    assert batch.best_slot(prompts[1] * 2, [0, 2]) == 0
