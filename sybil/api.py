@@ -31,7 +31,7 @@ from sybil.metrics import Metrics
 from sybil.openai_schema import (
     ERROR_RESPONSES, SSE_EVENT, ApiError, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorBody, Health, ModelCard, ModelList, Plan, TokenizeRequest, TokenizeResponse,
-    TokenizerInfo, Usage, bad_request, check_model, choice_seed, logprobs_json, plan,
+    PromptTokensDetails, TokenizerInfo, Usage, bad_request, check_model, choice_seed, logprobs_json, plan,
 )
 from sybil.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
 from sybil.text_stream import TextStream
@@ -203,7 +203,9 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     def usage() -> dict:
         done = sum(len(c.tokens) for c in choices)
         request.state.completion_tokens = done
-        return Usage(prompt_tokens=n_prompt, completion_tokens=done, total_tokens=n_prompt + done).model_dump()
+        cached = PromptTokensDetails(cached_tokens=sum(c.job.cached for c in choices))
+        return Usage(prompt_tokens=n_prompt, completion_tokens=done, total_tokens=n_prompt + done,
+                     prompt_tokens_details=cached).model_dump()
 
     if req.stream:
         return StreamingResponse(_sse(req, choices, events, s, head, usage), media_type="text/event-stream",

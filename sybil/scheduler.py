@@ -55,6 +55,7 @@ class Job:
     prompt_logprobs: int | None = None  # and the prompt's
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    cached: int = 0  # prompt tokens its slot already held (set before its first event)
 
 
 class QueueFull(SybilError):
@@ -196,6 +197,7 @@ class Scheduler:
         except Exception as e:  # a bug, not bad input (the HTTP layer checked it): fail this job only
             self._fail(slot, job, e)
             return
+        job.cached = self.batch.dec.cached
         if out.prompt_logprobs is not None:
             job.emit(Event([], prompt_logprobs=out.prompt_logprobs))
         if out.finish_reason:  # scored only: the slot was never taken

@@ -437,7 +437,8 @@ def test_a_repeated_prompt_reuses_its_slot_entries_and_answers_the_same(server, 
     prompt = " ".join(PROMPTS) * 2
     want = solo(local, encode(prompt), 12, temperature=0)[0]
     before = _metric(server, "sybil_cached_prompt_tokens")
-    texts = [client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
-             for _ in range(2)]
-    assert texts == [want, want]
+    answers = [client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0) for _ in range(2)]
+    assert [a.choices[0].text for a in answers] == [want, want]
     assert _metric(server, "sybil_cached_prompt_tokens") - before >= len(encode(prompt)) - 1
+    # usage reports it as vLLM and OpenAI do: all but the prompt's last token came from the slot
+    assert answers[1].usage.prompt_tokens_details.cached_tokens == len(encode(prompt)) - 1
