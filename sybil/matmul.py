@@ -139,45 +139,47 @@ def _rows_int(x: torch.Tensor, q: torch.Tensor, wscale: torch.Tensor, bias: torc
     return out.reshape(*x.shape[:-1], -1)
 
 
-def blocks(x: torch.Tensor, layers, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor
-           ) -> torch.Tensor | None:
+def blocks(x: torch.Tensor, layers, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+           rows: torch.Tensor | None = None) -> torch.Tensor | None:
     """Every block (sybil.model.Block) of a forward over the cache [layers, B, H, L, D]
     in one C++ call; None where the kernels do not serve x (the caller then runs the
-    blocks one by one)."""
+    blocks one by one). rows: see attend_cached."""
     if not use_kernels(x):
         return None
     first = layers[0]
     params = [t for block in layers for t in block.kernel_args()]
-    return torch.ops.sybil.blocks(x, k_cache, v_cache, pos, first.attn.n_head, first.ln_1.eps, params)
+    return torch.ops.sybil.blocks(x, k_cache, v_cache, pos, first.attn.n_head, first.ln_1.eps, params, rows)
 
 
-def attend_cached(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, n_head: int
-                  ) -> torch.Tensor | None:
+def attend_cached(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, n_head: int,
+                  rows: torch.Tensor | None = None) -> torch.Tensor | None:
     """Write this forward's keys and values into one layer's cache [B, H, L, D] at pos
     [B, T] and attend each query to keys 0..p of its row: [B, T, C]. None off the CPU
-    (the caller then uses SDPA with a position mask)."""
+    (the caller then uses SDPA with a position mask). A packed forward (qkv [1, N, 3C]:
+    several rows' tokens one after another, no padding) gives rows [N], each token's
+    cache row."""
     if qkv.device.type != "cpu":
         return None
     if use_kernels(qkv):
-        return torch.ops.sybil.attend(qkv, k_cache, v_cache, pos, n_head)
-    return _attend_per_query(qkv, k_cache, v_cache, pos, n_head)
+        return torch.ops.sybil.attend(qkv, k_cache, v_cache, pos, n_head, rows)
+    return _attend_per_query(qkv, k_cache, v_cache, pos, n_head, rows)
 
 
 def _attend_per_query(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                      n_head: int) -> torch.Tensor:
+                      n_head: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """attend_cached in torch: one SDPA call per query over exactly its keys 0..p, so
     its bits do not depend on the other queries of the forward."""
     B, T, C3 = qkv.shape
     D = C3 // 3 // n_head
     q, k, v = qkv.view(B, T, 3, n_head, D).unbind(2)  # each [B, T, H, D]
-    rows = torch.arange(B)[:, None]
+    cache_rows = torch.arange(B)[:, None].expand(B, T) if rows is None else rows.view(1, T)  # [B, T]
     # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
-    k_cache[rows, :, pos] = k
-    v_cache[rows, :, pos] = v
+    k_cache[cache_rows, :, pos] = k
+    v_cache[cache_rows, :, pos] = v
     y = torch.empty(B, T, n_head, D, dtype=qkv.dtype)
     for b in range(B):
         for t in range(T):
-            p = int(pos[b, t]) + 1
+            p, r = int(pos[b, t]) + 1, int(cache_rows[b, t])
             # [H, 1, D] against [H, p, D]
-            y[b, t] = F.scaled_dot_product_attention(q[b, t, :, None], k_cache[b, :, :p], v_cache[b, :, :p])[:, 0]
+            y[b, t] = F.scaled_dot_product_attention(q[b, t, :, None], k_cache[r, :, :p], v_cache[r, :, :p])[:, 0]
     return y.view(B, T, C3 // 3)

@@ -44,12 +44,13 @@ class Attention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x)
         if cache is not None:
-            y = matmul.attend_cached(qkv, cache.k[layer], cache.v[layer], pos, self.n_head)
+            y = matmul.attend_cached(qkv, cache.k[layer], cache.v[layer], pos, self.n_head, rows)
             if y is not None:
                 return self.c_proj(y)
         q, k, v = qkv.split(C, dim=2)
@@ -84,9 +85,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, pos: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, layer, pos)
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, pos, rows)
         return x + self.mlp(self.ln_2(x))
 
     def kernel_args(self) -> list[torch.Tensor | None]:
@@ -136,6 +138,7 @@ class GPT(nn.Module):
         *,
         static: bool = False,
         vocab: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for every position of idx [B, T].
 
@@ -155,6 +158,10 @@ class GPT(nn.Module):
         low ids are the common tokens, and the head reads a prefix of the tied
         embedding, a view. vocab=0 skips the head and returns the last block's
         output [B, T, C]: a prefill only needs the cache it writes.
+
+        rows [T] (CPU only, with input_pos [1, T]) packs several cache rows into one
+        sequence without padding: token t is written to and attends within cache row
+        rows[t], so a forward costs the real tokens only (sybil.steps).
         """
         B, T = idx.shape
         if cache is None:
@@ -181,12 +188,14 @@ class GPT(nn.Module):
                 cache.lengths = pos[:, -1] + 1
             pos = pos.to(idx.device)
         x = self.wte(idx) + self.wpe(pos)
-        fused = None if cache is None or mask is not None else matmul.blocks(x, self.h, cache.k, cache.v, pos)
+        if rows is not None and (mask is not None or static or idx.device.type != "cpu"):
+            raise ValueError("a packed forward (rows) runs on the CPU, with positions and a cache")
+        fused = None if cache is None or mask is not None else matmul.blocks(x, self.h, cache.k, cache.v, pos, rows)
         if fused is not None:
             x = fused
         else:
             for layer, block in enumerate(self.h):
-                x = block(x, mask, cache, layer, pos)
+                x = block(x, mask, cache, layer, pos, rows)
         return x if vocab == 0 else self.head(x, vocab)
 
     def head(self, x: torch.Tensor, vocab: int | None = None) -> torch.Tensor:

@@ -37,10 +37,53 @@ def test_no_tokens_at_all_is_none(model):
 
 
 def test_padding_never_lands_on_a_real_entry(model):
+    from sybil.steps import _padded  # the CUDA path, run here on the CPU
+
     cache = KVCache.for_model(model.config, 2, 8)
-    forward_rows(model, cache, [[1] * 7, [2]])
+    _padded(model, cache, [[1] * 7, [2]], None, None)
     with pytest.raises(ValueError, match="scratch"):
-        forward_rows(model, cache, [[3], [4, 5]])  # row 0 would write slot 7 while padded
+        _padded(model, cache, [[3], [4, 5]], None, None)  # row 0 would write slot 7 while padded
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_packed_rows_are_bitwise_the_padded_forward(model, kernels, monkeypatch):
+    """The CPU packs ragged rows without padding: the same logits and cache entries, to
+    the bit, as the padded forward, with or without the C++ kernels."""
+    from sybil import matmul
+    from sybil.steps import _padded
+
+    if not kernels:
+        monkeypatch.setattr(matmul, "use_kernels", lambda x: False)
+    prefix, rows = [[1, 2, 3], [], [4], [5, 6]], [[7, 8], [9, 10, 11], [], [12]]
+    caches = [KVCache.for_model(model.config, 4, 16) for _ in range(2)]
+    for c in caches:
+        forward_rows(model, c, prefix)
+    want = _padded(model, caches[0], rows, None, None)
+    got = forward_rows(model, caches[1], rows)
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [5, 3, 1, 3]
+    for b, r in enumerate(rows):
+        assert torch.equal(got[b, : len(r)], want[b, : len(r)])
+        n = int(caches[0].lengths[b])
+        assert torch.equal(caches[1].k[:, b, :, :n], caches[0].k[:, b, :, :n])
+
+
+def test_tail_keeps_only_the_last_logits_and_a_chunk_costs_its_row_alone(model):
+    """A prompt chunk beside a one-token step: the chunk gets no logits (tail 0), the step
+    its own, bitwise a solo step; and the chunked prompt's entries equal a whole prefill."""
+    prompt, other = list(range(100, 112)), [5, 6, 7]
+    whole = KVCache.for_model(model.config, 2, 32)
+    forward_rows(model, whole, [prompt, other])
+    want = forward_rows(model, whole, [[], [8]])[1, 0]
+    chunked = KVCache.for_model(model.config, 2, 32)
+    forward_rows(model, chunked, [prompt[:5], other])
+    got = forward_rows(model, chunked, [prompt[5:], [8]], tail=[0, 1])
+    assert got.shape[1] == 1 and torch.equal(got[1, 0], want)
+    assert chunked.lengths.tolist() == [12, 4]
+    assert torch.equal(chunked.k[:, 0, :, :12], whole.k[:, 0, :, :12])
+    last = forward_rows(model, chunked, [[1, 2], [9]], tail=[1, 0])  # the last of row 0 only
+    ref = forward_rows(model, whole, [[1, 2], []])
+    assert last.shape[1] == 1 and torch.equal(last[0, 0], ref[0, 1])
+    assert forward_rows(model, chunked, [[3], []], tail=[0, 0]) is None
 
 
 def test_prefill_row_touches_only_its_row_and_equals_a_batched_prefill(model):

@@ -293,9 +293,11 @@ void attend_one(const float* q, const T* kc, const T* vc, int64_t p, int64_t D, 
 }
 
 template <typename T>
-void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at::Tensor& pos, int64_t H,
-                 float* y) {
+void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at::Tensor& pos, const int64_t* rows,
+                 int64_t H, float* y) {
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / H, L = kc.size(2);
+  // the cache row of token (b, t): b itself, or rows[t] in a packed forward (B == 1)
+  auto cache_row = [&](int64_t b, int64_t t) { return rows ? rows[t] : b; };
   auto qkv_f = qkv.to(at::kFloat).contiguous();
   const float* src = qkv_f.data_ptr<float>();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -307,11 +309,11 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at
   const T* raw = qkv_c.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < Tn; ++t) {
-      const int64_t p = pp[b * Tn + t];
+      const int64_t p = pp[b * Tn + t], cb = cache_row(b, t);
       const T* row = raw + (b * Tn + t) * 3 * C;
       for (int64_t h = 0; h < H; ++h) {
-        std::copy(row + C + h * D, row + C + (h + 1) * D, kp + ((b * H + h) * L + p) * D);
-        std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, vp + ((b * H + h) * L + p) * D);
+        std::copy(row + C + h * D, row + C + (h + 1) * D, kp + ((cb * H + h) * L + p) * D);
+        std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, vp + ((cb * H + h) * L + p) * D);
       }
     }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
@@ -325,7 +327,7 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i % Tn, bh = i / Tn, h = bh % H, b = bh / H, bt = b * Tn + t;
       const int64_t p = pp[bt];
-      const int64_t off = ((b * H + h) * L) * D;
+      const int64_t off = ((cache_row(b, t) * H + h) * L) * D;
       attend_one(src + bt * 3 * C + h * D, kp + off, vp + off, p, D, scale, scores.data(), y + bt * C + h * D);
     }
   });
@@ -335,18 +337,22 @@ void attend_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, const at
 // its keys and values are written into kc, vc [B, H, L, D] (one layer's cache) at
 // pos [B, T], then each query at position p attends to keys 0..p of its row.
 // Returns [B, T, C] in qkv's dtype. pos must already be int64, contiguous and
-// inside the cache (check_positions).
-at::Tensor attend_checked(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& p, int64_t n_head) {
+// inside the cache (check_positions). A packed forward (B == 1: the real tokens of
+// several rows one after another, no padding) gives rows [T], token t's cache row
+// (check_rows); its queries still see only their own row's keys.
+at::Tensor attend_checked(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& p, int64_t n_head,
+                          const int64_t* rows = nullptr) {
   TORCH_CHECK(qkv.dim() == 3 && kc.dim() == 4 && vc.dim() == 4, "sybil::attend: bad ranks");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "sybil::attend: cache must be contiguous");
   TORCH_CHECK(qkv.scalar_type() == kc.scalar_type(), "sybil::attend: cache dtype differs from activations");
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3;
-  TORCH_CHECK(kc.size(0) == B && kc.size(1) == n_head && kc.size(3) * n_head == C, "sybil::attend: cache shape");
+  TORCH_CHECK((rows ? B == 1 : kc.size(0) == B) && kc.size(1) == n_head && kc.size(3) * n_head == C,
+              "sybil::attend: cache shape");
   TORCH_CHECK(p.numel() == B * Tn, "sybil::attend: pos must be [B, T]");
   auto y = at::empty({B, Tn, C}, qkv.options().dtype(at::kFloat));
   switch (qkv.scalar_type()) {
-    case at::kFloat: attend_impl<float>(qkv, kc, vc, p, n_head, y.data_ptr<float>()); break;
-    case at::kBFloat16: attend_impl<bf16>(qkv, kc, vc, p, n_head, y.data_ptr<float>()); break;
+    case at::kFloat: attend_impl<float>(qkv, kc, vc, p, rows, n_head, y.data_ptr<float>()); break;
+    case at::kBFloat16: attend_impl<bf16>(qkv, kc, vc, p, rows, n_head, y.data_ptr<float>()); break;
     default: TORCH_CHECK(false, "sybil::attend: unsupported dtype ", qkv.scalar_type());
   }
   return y.to(qkv.scalar_type());
@@ -361,9 +367,22 @@ at::Tensor check_positions(const at::Tensor& pos, int64_t L) {
   return p;
 }
 
-at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& pos, int64_t n_head) {
-  TORCH_CHECK(kc.dim() == 4, "sybil::attend: bad ranks");
-  return attend_checked(qkv, kc, vc, check_positions(pos, kc.size(2)), n_head);
+// A packed forward's cache rows as int64, one per token, each a row of a cache of
+// batch Bc (nullopt: not packed).
+std::optional<at::Tensor> check_rows(const std::optional<at::Tensor>& rows, int64_t tokens, int64_t Bc) {
+  if (!rows) return std::nullopt;
+  auto r = rows->to(at::kLong).contiguous();
+  TORCH_CHECK(r.numel() == tokens, "sybil: rows must give one cache row per token");
+  TORCH_CHECK(r.numel() == 0 || (r.min().item<int64_t>() >= 0 && r.max().item<int64_t>() < Bc),
+              "sybil: row outside the cache");
+  return r;
+}
+
+at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at::Tensor& pos, int64_t n_head,
+                  const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(kc.dim() == 4 && qkv.dim() == 3, "sybil::attend: bad ranks");
+  const auto r = check_rows(rows, qkv.size(0) * qkv.size(1), kc.size(0));
+  return attend_checked(qkv, kc, vc, check_positions(pos, kc.size(2)), n_head, r ? r->data_ptr<int64_t>() : nullptr);
 }
 
 // Every transformer block of a forward in one call: the same operations, in the
@@ -378,12 +397,15 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at:
 constexpr int64_t PARAMS_PER_LAYER = 16;
 
 at::Tensor blocks(const at::Tensor& x_in, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& pos,
-                  int64_t n_head, double eps, const c10::List<std::optional<at::Tensor>>& params) {
+                  int64_t n_head, double eps, const c10::List<std::optional<at::Tensor>>& params,
+                  const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(x_in.dim() == 3 && kc.dim() == 5 && vc.dim() == 5, "sybil::blocks: bad ranks");
   const int64_t layers = kc.size(0), C = x_in.size(2);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == layers * PARAMS_PER_LAYER,
               "sybil::blocks: expected ", layers * PARAMS_PER_LAYER, " parameters, got ", params.size());
   const auto p = check_positions(pos, kc.size(3));
+  const auto r = check_rows(rows, x_in.size(0) * x_in.size(1), kc.size(1));
+  const int64_t* rp = r ? r->data_ptr<int64_t>() : nullptr;
   auto get = [&](int64_t l, int64_t i) -> std::optional<at::Tensor> { return params.get(l * PARAMS_PER_LAYER + i); };
   auto lin = [&](const at::Tensor& h, int64_t l, int64_t i) {
     return linear(h, *get(l, i), get(l, i + 1), get(l, i + 2));
@@ -391,7 +413,7 @@ at::Tensor blocks(const at::Tensor& x_in, const at::Tensor& kc, const at::Tensor
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l) {
     auto h = at::layer_norm(x, {C}, get(l, 0), get(l, 1), eps);
-    auto a = attend_checked(lin(h, l, 2), kc.select(0, l), vc.select(0, l), p, n_head);
+    auto a = attend_checked(lin(h, l, 2), kc.select(0, l), vc.select(0, l), p, n_head, rp);
     x = x + lin(a, l, 5);
     h = at::layer_norm(x, {C}, get(l, 8), get(l, 9), eps);
     x = x + lin(at::gelu(lin(h, l, 10), "tanh"), l, 13);
@@ -418,7 +440,8 @@ TORCH_LIBRARY(sybil, m) {
   m.def("set_threads(int n) -> int", &set_threads);
   m.def("pool_stats() -> Tensor", &pool_stats);
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
-  m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head) -> Tensor", &attend);
-  m.def("blocks(Tensor x, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, float eps, Tensor?[] params) -> Tensor",
-        &blocks);
+  m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, Tensor? rows=None) -> Tensor",
+        &attend);
+  m.def("blocks(Tensor x, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, float eps, Tensor?[] params, "
+        "Tensor? rows=None) -> Tensor", &blocks);
 }
