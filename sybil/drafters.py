@@ -52,7 +52,8 @@ class ModelDrafter:
     Its cache holds a prefix of each row's committed + proposed tokens; each
     proposal first feeds whatever committed tokens the cache lacks (the prompt
     on the first round, then the one or two tokens that verification added) in
-    one forward. min_confidence > 0 ends a row's proposal once the product of the
+    one forward; with chunk set (a server's chunked prefill) a row far behind
+    catches up chunk tokens per round and drafts once it is level. min_confidence > 0 ends a row's proposal once the product of the
     draft's probabilities for its own tokens (its estimate that all are
     accepted) drops below it.
 
@@ -78,6 +79,7 @@ class ModelDrafter:
         self.cost_prior = 1.0  # a target step, until make_drafter sets the weight ratio
         self.vocab = vocab
         self.catchup_s = 0.0  # seconds of the last proposal's catch-up forwards (0 if none ran)
+        self.chunk: int | None = None  # catch up at most this many tokens per proposal (Decoder sets it)
         self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
         # the captured steps compute the whole head; a reduced head runs eagerly
         self.graphs = StepGraphs(model, self.cache) if graphs and vocab is None else None
@@ -99,8 +101,17 @@ class ModelDrafter:
         # so that k="auto" can tell it from a draft step.
         t = time.perf_counter()
         behind = [b for b, (s, k) in enumerate(zip(seqs, ks)) if k and len(s) - int(self.cache.lengths[b]) > 2]
-        for b in behind:
-            prefill_row(self.model, self.cache, b, seqs[b][int(self.cache.lengths[b]) : -1])
+        if self.chunk and behind:  # chunked, as the target's prompts: chunk tokens in all this round
+            budget, feed = self.chunk, [[] for _ in seqs]
+            for b in behind:
+                feed[b] = seqs[b][int(self.cache.lengths[b]) : -1][:budget]
+                budget -= len(feed[b])
+            forward_rows(self.model, self.cache, feed, vocab=0)
+            # a row still behind drafts from a later round
+            ks = [0 if len(s) - int(n) > 2 else k for s, k, n in zip(seqs, ks, self.cache.lengths)]
+        else:
+            for b in behind:
+                prefill_row(self.model, self.cache, b, seqs[b][int(self.cache.lengths[b]) : -1])
         self.catchup_s = time.perf_counter() - t if behind else 0.0
         rows = [s[int(n) :] if k else [] for s, k, n in zip(seqs, ks, self.cache.lengths)]
         out = [Proposal([]) for _ in params]

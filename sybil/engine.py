@@ -23,6 +23,7 @@ from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.logprobs import MAX_TOP, TokenLogprob, score
 from sybil.model import GPT
+from sybil.prefill import PrefillBudget
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.tokenizer import EOT_ID
@@ -76,6 +77,7 @@ class Round:
     n_accepted: int
     token: int  # the target's own token after the accepted drafts
     logprobs: list[TokenLogprob] | None = None  # of drafts[:n_accepted] and token, when the slot asks
+    prefilled: int = 0  # prompt tokens this round fed before the row's own (its prompt's last chunk)
 
 
 PROMPT_SCORE_CHUNK = 256  # prompt tokens per forward when their logits are kept (echo): 256 x V floats
@@ -90,7 +92,8 @@ class Decoder:
     lets requests join a running batch."""
 
     def __init__(
-        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, graphs: bool = False
+        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, graphs: bool = False,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.model, self.drafter = model, drafter
         self.seqs: list[list[int]] = [[] for _ in range(slots)]
@@ -101,11 +104,19 @@ class Decoder:
         self.cache = KVCache.for_model(model.config, slots, max_len, dtype=model.dtype, device=model.device)
         self.graphs = StepGraphs(model, self.cache) if graphs else None
         self.draft_s = self.verify_s = 0.0  # time of the last round
+        self.prefilled = 0  # prompt tokens the last round fed (chunked prefill)
         # A slot's cache entries are bitwise what recomputing them gives only where every
         # kernel computes rows and queries independently whatever the split: the CPU kernels.
         self.reuse = self.cache.k.device.type == "cpu" and native.available() and \
             model.dtype in (torch.float32, torch.bfloat16)
         self.cached = 0  # prompt tokens the last add took from its slot's earlier sequence
+        # Chunked prefill: a new prompt's tokens wait here and are fed, prefill_chunk per
+        # round in all, inside the rounds that decode the other rows, so no running row
+        # waits for more than one chunk. Only where entries do not depend on the split.
+        self.chunk = prefill_chunk if self.reuse else None
+        self.pending: list[list[int]] = [[] for _ in range(slots)]
+        self.joined: list[int] = []  # slots with pending tokens
+        self.waited = [0] * slots  # rounds each pending prompt has waited
 
     def reusable(self, slot: int, prompt: list[int]) -> int:
         """How many of prompt's cache entries (all but its last token's) the slot already
@@ -137,7 +148,15 @@ class Decoder:
         self.counts[slot] = torch.zeros(self.model.config.vocab_size) if params.penalised else None
         self.cache.set_lengths(slot, [keep])
         scored = None
-        if prompt_logprobs is None:
+        self.pending[slot] = []
+        if slot in self.joined:
+            self.joined.remove(slot)
+        if prompt_logprobs is None and self.chunk:
+            self.pending[slot] = prompt[keep:-1]
+            if self.pending[slot]:
+                self.joined.append(slot)
+                self.waited[slot] = 0
+        elif prompt_logprobs is None:
             prefill_row(self.model, self.cache, slot, prompt[keep:-1])
         else:
             scored = [None]
@@ -150,26 +169,61 @@ class Decoder:
             self.drafter.rewind([keep if b == slot else len(s) for b, s in enumerate(self.seqs)])
         return scored
 
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended early (cancelled): feed no more of its prompt."""
+        self.pending[slot] = []
+        if slot in self.joined:
+            self.joined.remove(slot)
+
+    def prefilling(self, slot: int) -> bool:
+        """Whether the slot's prompt is still being fed (no token of it committed yet)."""
+        return bool(self.pending[slot])
+
+    def _chunks(self) -> list[list[int]]:
+        """This round's prompt tokens per slot, self.chunk in all. Shortest remaining first
+        (the order that minimises the mean time to first token), each round a prompt
+        waits counting as one chunk fewer, so that a long prompt is never starved."""
+        budget, chunks = self.chunk or 0, [[] for _ in self.seqs]
+        for b in self.joined:
+            self.waited[b] += 1
+        for b in sorted(self.joined, key=lambda b: (len(self.pending[b]) - budget * self.waited[b], b)):
+            chunks[b], budget = self.pending[b][:budget], budget - min(budget, len(self.pending[b]))
+        return chunks
+
     def round(self, ks: list[int | None]) -> list[Round | None]:
         """Draft up to ks[b] tokens per slot, verify all slots in one forward, commit,
-        rewind. Slots with ks[b] None are idle: they feed nothing."""
+        rewind. Slots with ks[b] None are idle: they feed nothing. A slot whose prompt is
+        still pending feeds its share of the prefill budget instead, and joins the
+        decoding rows (without drafts) in the round that feeds its prompt's end."""
         t0 = time.perf_counter()
-        want = [k or 0 for k in ks]
+        chunks = self._chunks()
+        if self.chunk and hasattr(self.drafter, "chunk"):  # the draft catches up as fast
+            self.drafter.chunk = self.chunk
+        # decoding: the slot runs and its prompt is all in the cache after this round's chunk
+        decoding = [k is not None and len(c) == len(self.pending[b]) for b, (k, c) in enumerate(zip(ks, chunks))]
+        want = [(k or 0) if d and not self.pending[b] else 0 for b, (k, d) in enumerate(zip(ks, decoding))]
         if self.drafter is not None and any(want):
             proposals = self.drafter.propose(self.seqs, want, self.seeds, self.params)
         else:
             proposals = [Proposal([]) for _ in ks]
         t1 = time.perf_counter()
-        rows = [[s[-1], *p.tokens] if k is not None else [] for s, p, k in zip(self.seqs, proposals, ks)]
-        logits = forward_rows(self.model, self.cache, rows, self.graphs)
+        rows = [[*c, s[-1], *p.tokens] if d else c for s, p, c, d in zip(self.seqs, proposals, chunks, decoding)]
+        tail = [1 + len(p.tokens) if d else 0 for p, d in zip(proposals, decoding)]
+        logits = forward_rows(self.model, self.cache, rows, self.graphs, tail=tail)
+        self.prefilled = sum(len(c) for c in chunks)
+        for b, c in enumerate(chunks):
+            if c:
+                self.pending[b] = self.pending[b][len(c) :]
+                if not self.pending[b]:
+                    self.joined.remove(b)
         out: list[Round | None] = []
         n_valid = []
         for b, (row, prop) in enumerate(zip(rows, proposals)):
-            if not row:  # idle: its pointers stay where they are
+            if not decoding[b]:  # idle, or a prompt chunk: its pointers stay where the forward left them
                 out.append(None)
                 n_valid.append(int(self.cache.lengths[b]))
                 continue
-            lg = logits[b, : len(row)]  # [k+1, V]
+            lg = logits[b, : tail[b]]  # [k+1, V]
             # The acceptance rule compares against the adjusted target, position by position.
             adj = adjust_logits(lg, self.params[b], self.counts[b], prop.tokens)
             if self.params[b].greedy:
@@ -183,7 +237,7 @@ class Decoder:
                 for t in new:
                     self.counts[b][t] += 1
             scored = score(lg[: n_acc + 1], new, self.top[b]) if self.top[b] is not None else None
-            out.append(Round(prop.tokens, n_acc, tok, scored))
+            out.append(Round(prop.tokens, n_acc, tok, scored, len(chunks[b])))
         self.cache.truncate(n_valid)
         if self.drafter is not None:
             self.drafter.rewind(n_valid)
@@ -415,14 +469,16 @@ class Batch:
 
     def __init__(
         self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, k: int | str | AdaptiveK = 4,
-        graphs: bool = False,
+        graphs: bool = False, prefill_chunk: int | str | None = None,
     ) -> None:
         self.model = model
+        # chunked prefill (sybil.prefill): None prefills a joining prompt whole, at add
+        self.prefill = PrefillBudget(prefill_chunk) if prefill_chunk is not None else None
         self.k_max, self.controller = _parse_k(k, model.config.n_positions) if drafter is not None else (0, None)
         self.drafter = drafter
         if self.controller is not None and self.controller.rounds == 0:
             self.controller.draft_prior = getattr(drafter, "cost_prior", 1.0)
-        self.dec = Decoder(model, slots, max_len, drafter, graphs)
+        self.dec = Decoder(model, slots, max_len, drafter, graphs, PrefillBudget.FIRST if self.prefill else None)
         self.rows: list[_Row | None] = [None] * slots
         self.cached_tokens = 0  # prompt tokens taken from the slots' earlier sequences, in all
 
@@ -465,6 +521,7 @@ class Batch:
     def remove(self, slot: int) -> None:
         """Drop a row (cancelled): its slot is free for the next add."""
         self.rows[slot] = None
+        self.dec.release(slot)
 
     def step(self) -> list[Committed]:
         """One round for every active row. The rows that ended have finish_reason and
@@ -476,9 +533,14 @@ class Batch:
         k_round = self.controller.choose(max(rooms)) if self.controller else self.k_max
         if self.controller and isinstance(self.drafter, ModelDrafter):
             self.drafter.min_confidence = self.controller.min_confidence()
+        decoding = sum(r is not None and not dec.prefilling(b) for b, r in enumerate(rows))
+        if self.prefill and dec.chunk:
+            dec.chunk = self.prefill.tokens(decoding)
         rounds = dec.round([min(k_round, room) if r else None for r, room in zip(rows, rooms)])
+        if self.prefill:
+            self.prefill.update(dec.prefilled, decoding, dec.verify_s)
         done = [r for r in rounds if r is not None]
-        if self.controller and done:
+        if self.controller and done and not dec.prefilled:  # a prompt chunk's time is not a verify's
             # A catch-up forward (a new prompt, or tokens the draft missed during plain
             # steps) is paid once, not per draft token: it stays out of the step estimate.
             catchup = getattr(self.drafter, "catchup_s", 0.0) if any(r.drafts for r in done) else 0.0

@@ -78,6 +78,7 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         draft_vocab: int | None = None,
+        prefill_chunk: int | str | None = "auto",
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SybilError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -86,7 +87,9 @@ class Scheduler:
         max_len = model.config.n_positions
         graphs = model.device.type == "cuda"
         drafter = make_drafter(draft, model, SamplingParams(), max_len, max_batch, graphs, draft_vocab)
-        self.batch = Batch(model, max_batch, max_len, drafter, k, graphs)
+        # chunked prefill (sybil.prefill): a joining prompt is fed inside the running rows'
+        # rounds, so they never wait for a whole prompt; None prefills it at once
+        self.batch = Batch(model, max_batch, max_len, drafter, k, graphs, prefill_chunk)
         self.jobs: list[Job | None] = [None] * max_batch  # the job in each slot
         self.queue: deque[Job] = deque()
         self.cond = threading.Condition()

@@ -8,6 +8,7 @@ or Ctrl-C: it stops accepting, lets requests in flight finish for up to
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import socket
@@ -45,9 +46,24 @@ def build_parser() -> OneLineParser:
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; then 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=_chunk, default="auto", metavar="N",
+                   help="prompt tokens fed per round beside the decoding rows: N, 'auto' (default: a round with "
+                        "a chunk costs about two without) or 0 (prefill each prompt whole as it joins)")
     p.add_argument("--shutdown-grace", type=float, default=5.0,
                    help="seconds requests in flight may run after SIGTERM (default 5)")
     return p
+
+
+def _chunk(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--prefill-chunk takes a number of tokens, 'auto' or 0, got {text!r}")
+    return n
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -101,7 +117,8 @@ def run(args) -> int:
     dtype, _ = resolve_dtype(args.dtype, device)
     model = load_model(args.model, dtype, device, quantize=args.quantize)
     draft = load_draft(args.draft, model, args.model, args.quantize, args.draft_quantize)
-    scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab)
+    scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab,
+                          args.prefill_chunk or None)
     served = args.served_model_name or args.model
     what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
     what += f", {model.quantized} weights" if model.quantized else ""

@@ -325,11 +325,13 @@ def test_bad_draft_vocab_is_an_error(spec, draft_vocab, message):
         sybil.generate(target, prompts[0], 4, draft="ngram", draft_vocab=100)
 
 
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole-prefill", "chunked"])
 @pytest.mark.parametrize("draft_name", [None, "noisy", "ngram"])
-def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name):
+def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name, chunk):
     """Batch is the round loop the server drives: rows added to free slots between
     steps, with their own sampling and seeds, give exactly their solo output
-    (list equality: the CPU kernels compute rows independently)."""
+    (list equality: the CPU kernels compute rows independently), whether a joining
+    prompt is prefilled at once or fed in chunks inside the running rows' rounds."""
     from sybil.engine import Batch, Generation, make_drafter
 
     _, target, drafts, prompts, _ = spec
@@ -339,7 +341,7 @@ def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name):
         for i in range(7)
     ]
     drafter = make_drafter(draft, target, SamplingParams(), 128, 3, False)
-    batch = Batch(target, 3, 128, drafter, k=3)
+    batch = Batch(target, 3, 128, drafter, k=3, prefill_chunk=chunk)
     outs, waiting, steps = {}, list(range(len(jobs))), 0
     slot_job = {}
     while waiting or batch.active:
@@ -351,12 +353,52 @@ def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name):
                 slot_job[slot] = i
                 batch.add(slot, outs[i], m, sp, seed, stop_at_eos=False)
         batch.step()
+        assert batch.dec.prefilled <= (chunk or 0)
         steps += 1
     for i, (p, m, sp, seed) in enumerate(jobs):
         solo = sybil.generate(target, p, m, temperature=sp.temperature, top_k=sp.top_k, seed=seed,
                               draft=draft, k=3, stop_at_eos=False)
         assert outs[i].tokens == solo.tokens, f"job {i}"
     assert len(set(slot_job)) == 3  # every slot was reused
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_a_chunked_prompt_never_stalls_the_running_rows_and_writes_a_fresh_prefills_entries(spec, with_draft):
+    from sybil.engine import Generation
+
+    path, _, drafts, prompts, plain = spec
+    target = sybil.load_model(path)
+    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2) if with_draft else None
+    batch = Batch(target, 2, 128, drafter, k=2, prefill_chunk=4)
+    running = Generation(prompt_ids=prompts[0])
+    batch.add(0, running, 60, SamplingParams(), None, stop_at_eos=False)
+    assert batch.dec.prefilling(0)
+    while batch.dec.prefilling(0):
+        batch.step()
+    long_prompt = prompts[1] + prompts[2] + prompts[3]  # over 4 chunks
+    joining = Generation(prompt_ids=long_prompt)
+    batch.add(1, joining, 3, SamplingParams(), None, stop_at_eos=False)
+    rounds = 0
+    while batch.dec.prefilling(1):
+        before = len(running.tokens)
+        batch.step()
+        rounds += 1
+        assert len(running.tokens) > before  # the running row committed in every round
+        assert batch.dec.prefilled <= 4
+    assert rounds >= (len(long_prompt) - 1) // 4
+    n = len(long_prompt) - 1
+    fresh = Decoder(target, 1, 128)
+    fresh.add(0, long_prompt, SamplingParams(), None)
+    assert torch.equal(batch.dec.cache.k[:, 1, :, :n], fresh.cache.k[:, 0, :, :n])
+    assert torch.equal(batch.dec.cache.v[:, 1, :, :n], fresh.cache.v[:, 0, :, :n])
+    while batch.active:
+        batch.step()
+    assert running.tokens == sybil.generate(target, prompts[0], 60, stop_at_eos=False).tokens
+    assert joining.tokens == sybil.generate(target, long_prompt, 3, stop_at_eos=False).tokens
+    # a row cancelled while its prompt is fed stops being fed
+    batch.add(1, Generation(prompt_ids=long_prompt), 3, SamplingParams(), None, stop_at_eos=False)
+    batch.remove(1)
+    assert not batch.dec.prefilling(1) and batch.dec.joined == []
 
 
 def test_a_removed_row_frees_its_slot_and_leaves_the_others_alone(spec):

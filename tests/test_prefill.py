@@ -1,0 +1,43 @@
+"""The chunked-prefill budget: a fixed chunk, or one that keeps a round's stall fixed."""
+
+import pytest
+
+from sybil.errors import SybilError
+from sybil.prefill import PrefillBudget
+
+
+def test_a_fixed_chunk_is_kept_whatever_the_costs():
+    budget = PrefillBudget(48)
+    budget.update(0, 8, 0.1)
+    budget.update(48, 8, 2.0)
+    assert budget.tokens(8) == budget.tokens(0) == 48
+
+
+def test_auto_feeds_what_doubles_a_round_from_measured_costs():
+    budget = PrefillBudget("auto", decay=0.0)  # no smoothing: the last measurement
+    assert budget.tokens(4) == PrefillBudget.FIRST  # nothing measured yet
+    budget.update(16, 4, 0.5)  # a chunk before any plain round is measured: no token cost yet
+    assert budget.tokens(4) == PrefillBudget.FIRST
+    budget.update(0, 4, 0.080)  # a round of 4 rows: 80 ms
+    budget.update(20, 4, 0.180)  # 20 prompt tokens beside them: 5 ms each
+    assert budget.tokens(4) == 16  # (2 - 1) * 80 ms / 5 ms: a round with a chunk costs two
+    budget.update(0, 4, 0.040)  # the rounds got cheaper (fewer rows): a smaller chunk
+    assert budget.tokens(4) == 8
+
+
+def test_auto_is_bounded_and_gives_everything_when_no_row_decodes():
+    budget = PrefillBudget("auto", decay=0.0)
+    budget.update(0, 8, 1.0)
+    budget.update(10, 8, 1.0 + 10 * 1e-5)  # nearly free tokens: capped
+    assert budget.tokens(8) == PrefillBudget.IDLE
+    budget.update(0, 0, 5.0)  # a round with no decoding row teaches nothing
+    assert budget.round_s == 1.0
+    assert budget.tokens(0) == PrefillBudget.IDLE
+    budget.update(100, 8, 1.0 + 100 * 1.0)  # dear tokens: at least LEAST
+    assert budget.tokens(8) == PrefillBudget.LEAST
+
+
+@pytest.mark.parametrize("chunk", [0, -3, "big", 2.5])
+def test_a_bad_chunk_is_an_error(chunk):
+    with pytest.raises(SybilError, match="prefill chunk"):
+        PrefillBudget(chunk)
