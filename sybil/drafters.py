@@ -43,7 +43,8 @@ class Drafter(Protocol):
         """Only the first n_valid[b] tokens of what row b last saw and proposed still
         stand (0 when the row starts a new sequence)."""
 
-    # Optional: cost_prior, a draft step in target steps before any is measured (k="auto").
+    # Optional: cost_prior, a draft step in target steps before any is measured (k="auto");
+    # retire(slot, tokens), told that the sequence a slot held ended (a lookup drafter keeps it).
 
 
 class ModelDrafter:
@@ -183,3 +184,41 @@ class NgramDrafter:
 
     def rewind(self, n_valid: list[int]) -> None:
         pass
+
+
+class Cascade:
+    """Drafters in order of preference, each row taking the first proposal that is not
+    empty: a free lookup (suffix, n-gram) in front of a model, which then drafts only
+    the rows the lookup could not (it catches up on the others when it next drafts them)."""
+
+    def __init__(self, drafters: list) -> None:
+        self.drafters = drafters
+        self.cost_prior = max(getattr(d, "cost_prior", 1.0) for d in drafters)
+
+    def propose(self, seqs, ks, seeds, params=None) -> list[Proposal]:
+        out = [Proposal([]) for _ in seqs]
+        left = list(ks)
+        for d in self.drafters:
+            if not any(left):
+                break
+            for b, p in enumerate(d.propose(seqs, left, seeds, params)):
+                if p.tokens and left[b]:
+                    out[b], left[b] = p, 0
+        return out
+
+    def rewind(self, n_valid: list[int]) -> None:
+        for d in self.drafters:
+            d.rewind(n_valid)
+
+    def retire(self, slot: int, tokens: list[int]) -> None:
+        for d in self.drafters:
+            if hasattr(d, "retire"):
+                d.retire(slot, tokens)
+
+    @property
+    def catchup_s(self) -> float:
+        return sum(getattr(d, "catchup_s", 0.0) for d in self.drafters)
+
+    @property
+    def models(self) -> list[ModelDrafter]:
+        return [d for d in self.drafters if isinstance(d, ModelDrafter)]

@@ -17,7 +17,8 @@ import torch
 
 from sybil import native
 from sybil.adaptive import AdaptiveK
-from sybil.drafters import Drafter, ModelDrafter, NgramDrafter, Proposal, weight_bytes
+from sybil.batch_k import BatchK
+from sybil.drafters import Cascade, Drafter, ModelDrafter, NgramDrafter, Proposal, weight_bytes
 from sybil.cuda_graphs import StepGraphs
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
@@ -26,6 +27,7 @@ from sybil.model import GPT
 from sybil.prefill import PrefillBudget
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
+from sybil.suffix import SuffixDrafter
 from sybil.tokenizer import EOT_ID
 from sybil.verify import accept_greedy, accept_keyed
 
@@ -170,10 +172,13 @@ class Decoder:
         return scored
 
     def release(self, slot: int) -> None:
-        """The slot's sequence ended early (cancelled): feed no more of its prompt."""
+        """The slot's sequence ended (finished, or cancelled: feed no more of its prompt).
+        Its tokens stay for the prompt cache, and a lookup drafter keeps them too."""
         self.pending[slot] = []
         if slot in self.joined:
             self.joined.remove(slot)
+        if hasattr(self.drafter, "retire"):
+            self.drafter.retire(slot, self.seqs[slot])
 
     def prefilling(self, slot: int) -> bool:
         """Whether the slot's prompt is still being fed (no token of it committed yet)."""
@@ -197,8 +202,9 @@ class Decoder:
         decoding rows (without drafts) in the round that feeds its prompt's end."""
         t0 = time.perf_counter()
         chunks = self._chunks()
-        if self.chunk and hasattr(self.drafter, "chunk"):  # the draft catches up as fast
-            self.drafter.chunk = self.chunk
+        if self.chunk:  # the draft catches up as fast
+            for d in _models(self.drafter):
+                d.chunk = self.chunk
         # decoding: the slot runs and its prompt is all in the cache after this round's chunk
         decoding = [k is not None and len(c) == len(self.pending[b]) for b, (k, c) in enumerate(zip(ks, chunks))]
         want = [(k or 0) if d and not self.pending[b] else 0 for b, (k, d) in enumerate(zip(ks, decoding))]
@@ -245,6 +251,13 @@ class Decoder:
         return out
 
 
+def _models(drafter: Drafter | None) -> list[ModelDrafter]:
+    """The draft models inside a drafter (a Cascade holds a lookup and a model)."""
+    if isinstance(drafter, ModelDrafter):
+        return [drafter]
+    return drafter.models if isinstance(drafter, Cascade) else []
+
+
 def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
     ids = [int(t) for t in prompt_ids]
     if not ids:
@@ -261,7 +274,7 @@ def _check_prompt(prompt_ids: list[int], model: GPT) -> list[int]:
 
 
 def make_drafter(
-    draft: GPT | str | Drafter | None,
+    draft: GPT | str | Drafter | list | None,
     target: GPT,
     params: SamplingParams,
     max_len: int,
@@ -269,16 +282,24 @@ def make_drafter(
     graphs: bool,
     draft_vocab: int | None = None,
 ) -> Drafter | None:
-    """The drafter for a draft given as a model, "ngram" or a drafter object, checked
-    against the target; its cache has `batch` rows of max_len positions."""
+    """The drafter for a draft given as a model, "ngram", "suffix", a drafter object, or
+    a list of them in order of preference (e.g. ["suffix", model]: the lookup first),
+    checked against the target; a model's cache has `batch` rows of max_len positions."""
     if draft is None:
         return None
+    if isinstance(draft, (list, tuple)):
+        if len(draft) < 2:
+            raise SybilError("a list of drafts needs two or more, e.g. ['suffix', a draft model]")
+        if draft_vocab is not None and not any(isinstance(d, GPT) for d in draft):
+            raise SybilError("draft_vocab restricts a draft model's head; the list has no draft model")
+        return Cascade([make_drafter(d, target, params, max_len, batch, graphs,
+                                     draft_vocab if isinstance(d, GPT) else None) for d in draft])
     if draft_vocab is not None and not isinstance(draft, GPT):
         raise SybilError("draft_vocab restricts a draft model's head; it needs a model draft, not 'ngram'")
     if isinstance(draft, str):
-        if draft != "ngram":
-            raise SybilError(f"draft {draft!r} is not a model or 'ngram'")
-        return NgramDrafter()
+        if draft not in ("ngram", "suffix"):
+            raise SybilError(f"draft {draft!r} is not a model, 'ngram' or 'suffix'")
+        return NgramDrafter() if draft == "ngram" else SuffixDrafter()
     if isinstance(draft, GPT):
         if draft.config.vocab_size != target.config.vocab_size:
             raise SybilError(
@@ -295,12 +316,12 @@ def make_drafter(
     return draft  # any object with propose/rewind
 
 
-def _parse_k(k: int | str | AdaptiveK, context: int) -> tuple[int, AdaptiveK | None]:
-    if isinstance(k, AdaptiveK):  # a controller carried over from earlier calls
+def _parse_k(k: int | str | Controller, context: int) -> tuple[int, Controller | None]:
+    if isinstance(k, (AdaptiveK, BatchK)):  # a controller carried over from earlier calls
         return min(k.k_max, context - 1), k
-    if k == "auto":
-        k_max = min(AdaptiveK.K_MAX, context - 1)
-        return k_max, AdaptiveK(k_max=k_max)
+    if k == "auto":  # each row's own window, priced for the whole batch
+        k_max = min(BatchK.K_MAX, context - 1)
+        return k_max, BatchK(k_max=k_max)
     try:
         k = int(k)
     except (TypeError, ValueError):
@@ -331,7 +352,7 @@ def generate(
     seed: int | list[int | None] | None = None,
     stop_at_eos: bool = True,
     draft: GPT | str | Drafter | None = None,
-    k: int | str | AdaptiveK = 4,
+    k: int | str | Controller = "auto",
     on_token: Callable[[int, int], None] | None = None,
     graphs: bool | None = None,
     draft_vocab: int | None = None,
@@ -468,7 +489,7 @@ class Batch:
     """
 
     def __init__(
-        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, k: int | str | AdaptiveK = 4,
+        self, model: GPT, slots: int, max_len: int, drafter: Drafter | None = None, k: int | str | Controller = "auto",
         graphs: bool = False, prefill_chunk: int | str | None = None,
     ) -> None:
         self.model = model
@@ -512,6 +533,8 @@ class Batch:
         out.logprobs = [] if logprobs is not None else None
         self.cached_tokens += self.dec.cached
         row = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start, self.dec.cached)
+        if isinstance(self.controller, BatchK):
+            self.controller.start(slot)
         if max_new == 0:
             row.first_s = time.perf_counter() - start
             out.finish_reason, out.stats = "length", self._stats(row, row.first_s)
@@ -526,68 +549,99 @@ class Batch:
     def step(self) -> list[Committed]:
         """One round for every active row. The rows that ended have finish_reason and
         stats set, and their slots are free again."""
-        rows, dec = self.rows, self.dec
-        context, max_len = self.model.config.n_positions, dec.cache.max_len
-        # Never draft past a row's max_new_tokens or the cache: a round commits drafts + 1.
-        rooms = [min(r.max_new - len(r.out.tokens), max_len - len(s)) - 1 if r else -1 for r, s in zip(rows, dec.seqs)]
-        k_round = self.controller.choose(max(rooms)) if self.controller else self.k_max
-        if self.controller and isinstance(self.drafter, ModelDrafter):
-            self.drafter.min_confidence = self.controller.min_confidence()
-        decoding = sum(r is not None and not dec.prefilling(b) for b, r in enumerate(rows))
+        dec = self.dec
+        decoding = [r is not None and not dec.prefilling(b) for b, r in enumerate(self.rows)]
         if self.prefill and dec.chunk:
-            dec.chunk = self.prefill.tokens(decoding)
-        rounds = dec.round([min(k_round, room) if r else None for r, room in zip(rows, rooms)])
+            dec.chunk = self.prefill.tokens(sum(decoding))
+        rounds = dec.round(self._windows(decoding))
         if self.prefill:
-            self.prefill.update(dec.prefilled, decoding, dec.verify_s)
-        done = [r for r in rounds if r is not None]
-        if self.controller and done and not dec.prefilled:  # a prompt chunk's time is not a verify's
-            # A catch-up forward (a new prompt, or tokens the draft missed during plain
-            # steps) is paid once, not per draft token: it stays out of the step estimate.
-            catchup = getattr(self.drafter, "catchup_s", 0.0) if any(r.drafts for r in done) else 0.0
-            self.controller.update(
-                sum(len(r.drafts) for r in done), sum(r.n_accepted for r in done),
-                dec.draft_s - catchup, dec.verify_s, 1 + max(len(r.drafts) for r in done),
-                misses=sum(r.n_accepted < len(r.drafts) for r in done),
-                steps=max(len(r.drafts) for r in done),
-            )
+            self.prefill.update(dec.prefilled, sum(decoding), dec.verify_s)
+        self._learn(rounds)
         now = time.perf_counter()
-        results = []
-        for b, rnd in enumerate(rounds):
-            row = rows[b]
-            if rnd is None or row is None:
-                continue
-            out, tel = row.out, row.tel
-            tel.rounds += 1
-            tel.drafted += len(rnd.drafts)
-            tel.time_draft_s += dec.draft_s
-            tel.time_verify_s += dec.verify_s
-            new = []
-            for i, t in enumerate([*rnd.drafts[: rnd.n_accepted], rnd.token]):
-                new.append(t)
-                if i < rnd.n_accepted:
-                    tel.accepted += 1
-                    tel.histogram[i] += 1
-                else:
-                    tel.target_tokens += 1
-                if row.stop_at_eos and t == EOT_ID:
-                    out.finish_reason = "eos"
-                elif len(out.tokens) + len(new) >= row.max_new:
-                    out.finish_reason = "length"
-                elif len(out.prompt_ids) + len(out.tokens) + len(new) >= context:
-                    out.finish_reason = "context"
-                if out.finish_reason:
-                    break
-            out.tokens += new
-            scored = rnd.logprobs[: len(new)] if rnd.logprobs is not None else None
-            if scored is not None:
-                out.logprobs += scored
-            if row.first_s is None:
-                row.first_s, row.first_n = now - row.start, len(out.tokens)
+        return [self._commit(b, rnd, now) for b, rnd in enumerate(rounds) if rnd is not None and self.rows[b]]
+
+    def _windows(self, decoding: list[bool]) -> list[int | None]:
+        """Each slot's draft window this round; None for a free slot. Never past a row's
+        max_new_tokens or the cache: a round commits its accepted drafts + 1."""
+        max_len = self.dec.cache.max_len
+        rooms = {b: min(r.max_new - len(r.out.tokens), max_len - len(self.dec.seqs[b])) - 1
+                 for b, r in enumerate(self.rows) if r is not None}
+        ks: dict[int, int]
+        if isinstance(self.controller, BatchK):
+            live = {b: room for b, room in rooms.items() if decoding[b]}
+            ks = self.controller.choose(live, sum(len(c) for c in self.dec.pending))
+        elif self.controller is not None:
+            k = self.controller.choose(max(rooms.values()))
+            ks = {b: min(k, room) for b, room in rooms.items()}
+        else:
+            ks = {b: min(self.k_max, room) for b, room in rooms.items()}
+        if self.controller is not None:
+            for d in _models(self.drafter):
+                d.min_confidence = self.controller.min_confidence()
+        return [ks.get(b, 0) if b in rooms else None for b in range(len(self.rows))]
+
+    def _learn(self, rounds: list[Round | None]) -> None:
+        """Tell the controller what the round drafted, accepted and cost."""
+        done = {b: r for b, r in enumerate(rounds) if r is not None}
+        if not self.controller or not done:
+            return
+        dec = self.dec
+        # A catch-up forward (a new prompt, or tokens the draft missed during plain
+        # steps) is paid once, not per draft token: it stays out of the step estimate.
+        steps = max(len(r.drafts) for r in done.values())
+        catchup = getattr(self.drafter, "catchup_s", 0.0) if steps else 0.0
+        if isinstance(self.controller, BatchK):
+            tokens = sum(1 + len(r.drafts) for r in done.values()) + dec.prefilled
+            self.controller.update({b: (len(r.drafts), r.n_accepted) for b, r in done.items()}, tokens,
+                                   dec.verify_s, steps, dec.draft_s - catchup)
+        elif not dec.prefilled:  # a prompt chunk's time is not a verify's
+            self.controller.update(
+                sum(len(r.drafts) for r in done.values()), sum(r.n_accepted for r in done.values()),
+                dec.draft_s - catchup, dec.verify_s, 1 + steps,
+                misses=sum(r.n_accepted < len(r.drafts) for r in done.values()), steps=steps,
+            )
+
+    def _commit(self, b: int, rnd: Round, now: float) -> Committed:
+        """Row b's tokens from the round, cut where a stop rule ends it; its telemetry."""
+        row = self.rows[b]
+        out, tel = row.out, row.tel
+        tel.rounds += 1
+        tel.drafted += len(rnd.drafts)
+        tel.time_draft_s += self.dec.draft_s
+        tel.time_verify_s += self.dec.verify_s
+        new = []
+        for i, t in enumerate([*rnd.drafts[: rnd.n_accepted], rnd.token]):
+            new.append(t)
+            if i < rnd.n_accepted:
+                tel.accepted += 1
+                tel.histogram[i] += 1
+            else:
+                tel.target_tokens += 1
+            out.finish_reason = self._stop(row, t, len(new))
             if out.finish_reason:
-                out.stats = self._stats(row, now - row.start)
-                rows[b] = None
-            results.append(Committed(b, new, out, len(rnd.drafts), min(rnd.n_accepted, len(new)), scored))
-        return results
+                break
+        out.tokens += new
+        scored = rnd.logprobs[: len(new)] if rnd.logprobs is not None else None
+        if scored is not None:
+            out.logprobs += scored
+        if row.first_s is None:
+            row.first_s, row.first_n = now - row.start, len(out.tokens)
+        if out.finish_reason:
+            out.stats = self._stats(row, now - row.start)
+            self.rows[b] = None
+            self.dec.release(b)
+        return Committed(b, new, out, len(rnd.drafts), min(rnd.n_accepted, len(new)), scored)
+
+    def _stop(self, row: _Row, token: int, n_new: int) -> str:
+        """Why the row ends at this token ('' if it goes on), n_new tokens into the round."""
+        out = row.out
+        if row.stop_at_eos and token == EOT_ID:
+            return "eos"
+        if len(out.tokens) + n_new >= row.max_new:
+            return "length"
+        if len(out.prompt_ids) + len(out.tokens) + n_new >= self.model.config.n_positions:
+            return "context"
+        return ""
 
     @staticmethod
     def _stats(row: _Row, end_s: float) -> dict:

@@ -53,7 +53,7 @@ def check_draft_flags(args: argparse.Namespace) -> None:
         if value is not None and args.draft is None:
             raise SybilError(f"{flag} sets up speculative decoding; it needs --draft (a model, or ngram)")
     if args.k is None:
-        args.k = 4
+        args.k = "auto"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE, default="none", help=QUANTIZE_HELP)
     p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="auto", help=DRAFT_QUANTIZE_HELP)
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
+    p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, 'ngram', 'suffix' (lookup in this and "
+                        "earlier requests' text), or suffix+MODEL (the lookup first, then the model)")
     p.add_argument("--k", type=_k, default=None,
-                   help="draft window: a positive integer or 'auto' (default 4; needs --draft)")
+                   help="draft window: a positive integer, or 'auto' (the default: each row's own window, priced for the whole batch; needs --draft)")
     p.add_argument(
         "--draft-vocab", type=int, default=None, metavar="N",
         help="draft from token ids below N and <|endoftext|> only (a cheaper draft head; output unchanged)",

@@ -248,13 +248,15 @@ def load_model(
 
 def load_draft(
     draft: str | None, target: GPT, target_name: str, quantize: str, draft_quantize: str
-) -> GPT | str | None:
-    """The command lines' --draft: None, "ngram", or a model in the target's dtype and
-    device, with draft_quantize resolved ("auto": int4 on the CPU, or int8wo for a width
-    int4 cannot hold); the target itself when it names the same checkpoint at the same
-    precision (one copy, two roles)."""
-    if draft in (None, "ngram"):
+) -> GPT | str | list | None:
+    """The command lines' --draft: None, "ngram", "suffix", or a model in the target's
+    dtype and device, with draft_quantize resolved ("auto": int4 on the CPU, or int8wo
+    for a width int4 cannot hold); the target itself when it names the same checkpoint
+    at the same precision (one copy, two roles). "suffix+MODEL" is ["suffix", that model]."""
+    if draft in (None, "ngram", "suffix"):
         return draft
+    if draft.startswith("suffix+"):
+        return ["suffix", load_draft(draft.removeprefix("suffix+"), target, target_name, quantize, draft_quantize)]
     device = target.device
     draft_q = resolve_draft_quantize(draft_quantize, device)
     if draft == target_name and draft_q == check_quantize(quantize, device):

@@ -74,7 +74,7 @@ class Scheduler:
         self,
         model: GPT,
         draft: GPT | str | Drafter | None = None,
-        k: int | str = 4,
+        k: int | str = "auto",
         max_batch: int = 8,
         max_queue: int = 64,
         draft_vocab: int | None = None,

@@ -31,9 +31,10 @@ from sybil.scheduler import Scheduler
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m sybil.serve", description="Serve GPT-2 over an OpenAI-compatible HTTP API.")
     p.add_argument("--model", default="gpt2-medium", help="preset name or checkpoint path (default gpt2-medium)")
-    p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, or 'ngram'")
+    p.add_argument("--draft", default=None, help="speculative draft: preset name, checkpoint path, 'ngram', 'suffix' (lookup in this and "
+                        "earlier requests' text), or suffix+MODEL (the lookup first, then the model)")
     p.add_argument("--k", type=_k, default=None,
-                   help="draft window: a positive integer or 'auto' (default 4; needs --draft)")
+                   help="draft window: a positive integer, or 'auto' (the default: each row's own window, priced for the whole batch; needs --draft)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N", help="draft from ids below N only")
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")

@@ -1,0 +1,186 @@
+"""Choosing each row's draft window per round, for the whole batch (`k="auto"`).
+
+One K for every row (sybil.adaptive) loses once rows are many: a verify of B rows
+feeds B * (K + 1) tokens, so on a machine that is compute-bound past a few tokens the
+round costs far more than a plain step of B rows, while each row still commits about
+E(K) tokens. So the round is priced as a whole, as SmartSpec and TurboSpec do, and
+each row gets its own window (0 included):
+
+    rate(k_1..k_B) = sum_b E(a_b, k_b) / (V(tokens) + max_b(k_b) * D(drafting rows))
+
+E(a, k) = (1 - a^(k+1)) / (1 - a) is a round's expected commit at per-token acceptance
+a (sybil.adaptive.expected_tokens); V(n), the target forward of n tokens, and D(r), a
+draft step of r rows, are lines fitted to the rounds as they run (recent ones weigh
+more). The windows that maximise the rate are found by Dinkelbach's iteration for
+each cap K on the draft steps: at a trial rate R, row b takes the k that maximises
+E(a_b, k) - 1 - R * k * (V' + D'), its own marginal tokens against the time its k
+tokens add; the shared part of a draft step (D's intercept) is priced per K.
+
+Every row keeps its own acceptance (a row that rarely agrees with the draft stops
+drafting while the others go on), started from the pooled acceptance of the rows
+before it; a row that has not drafted for a while probes with one token, at gaps
+that double while probes find nothing. When no window pays, every row gets 0 and the
+round is a plain step of the batch: no draft forward runs at all.
+"""
+
+from __future__ import annotations
+
+from sybil.adaptive import expected_tokens
+
+
+class _Line:
+    """y = a + b * x by least squares over decayed observations; `prior_slope` (a
+    fraction of the intercept) until x has been seen at two values."""
+
+    def __init__(self, decay: float, prior_slope: float) -> None:
+        self.decay, self.prior_slope = decay, prior_slope
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.widest = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
+        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
+        self.widest = max(self.widest, x)
+
+    @property
+    def known(self) -> bool:
+        return self.w > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        if var > 1e-9 * max(1.0, mx * mx):
+            slope = max((self.sxy / self.w - mx * my) / var, 0.0)  # never cheaper for more work
+        else:  # one width seen: the prior slope through its mean
+            slope = self.prior_slope * my / (1 + self.prior_slope * mx)
+        return max(my - slope * mx, 0.0), slope
+
+    def __call__(self, x: float) -> float:
+        a, b = self.coefficients()
+        return a + b * x
+
+
+class BatchK:
+    K_MAX = 8
+    PROBE_EVERY = 16  # rounds without drafting before a row probes with one token; doubles per failed probe
+
+    def __init__(self, k_max: int = K_MAX, decay: float = 0.9, prior_alpha: float = 0.5,
+                 draft_prior: float = 1.0) -> None:
+        self.k_max = k_max
+        self.decay = decay
+        # a draft step in target forwards of as many tokens, until one is measured (Drafter.cost_prior)
+        self.draft_prior = draft_prior
+        # A forward of one more token costs about a tenth of a one-token step on the 2-core
+        # machine (8 rows: 75 ms against 44 ms for one); the fits replace this within rounds.
+        self.verify = _Line(decay, prior_slope=0.1)
+        self.draft = _Line(decay, prior_slope=0.1)
+        self.pool = [prior_alpha, 1.0 - prior_alpha]  # pooled hits and misses: a new row's prior
+        self.rows: dict[int, list[float]] = {}  # slot -> [hits, misses]
+        self.plain: dict[int, int] = {}  # slot -> rounds since it last drafted
+        self.gap: dict[int, int] = {}  # slot -> rounds between its probes
+        self.rounds = 0
+
+    # ---- rows
+    def start(self, slot: int) -> None:
+        """A new sequence in slot: its acceptance starts from the pooled one, weighing one round."""
+        alpha = self.pool[0] / (self.pool[0] + self.pool[1])
+        self.rows[slot] = [alpha, 1.0 - alpha]
+        self.plain[slot], self.gap[slot] = 0, self.PROBE_EVERY
+
+    def alpha(self, slot: int) -> float:
+        hits, misses = self.rows.get(slot) or self.pool
+        return hits / (hits + misses)
+
+    # ---- costs
+    def verify_s(self, tokens: int) -> float:
+        return self.verify(tokens)
+
+    def draft_s(self, rows: int) -> float:
+        """One draft step of `rows` rows: measured, or the prior share of a target forward."""
+        return self.draft(rows) if self.draft.known else self.draft_prior * self.verify(rows)
+
+    def min_confidence(self) -> float:
+        """A draft stops once its own chance that all its tokens land is below the cost of
+        one more draft step in one-token target steps (see AdaptiveK.min_confidence)."""
+        if not (self.draft.known and self.verify.known):
+            return 0.0
+        return min(self.draft(1) / max(self.verify(1), 1e-9), 1.0)
+
+    def rate(self, ks: dict[int, int], extra_tokens: int = 0) -> float:
+        """Expected committed tokens per second of a round with windows ks (slot -> k)."""
+        tokens = sum(1 + k for k in ks.values()) + extra_tokens
+        steps = max(ks.values(), default=0)
+        drafting = sum(k > 0 for k in ks.values())
+        cost = self.verify_s(tokens) + (steps * self.draft_s(drafting) if steps else 0.0)
+        return sum(expected_tokens(self.alpha(b), k) for b, k in ks.items()) / max(cost, 1e-9)
+
+    # ---- the choice
+    def choose(self, rooms: dict[int, int], extra_tokens: int = 0) -> dict[int, int]:
+        """Windows for the rows that decode this round: rooms[slot] is the most drafts the
+        row may carry; extra_tokens are fed beside them (prompt chunks)."""
+        plain = {b: 0 for b in rooms}
+        if not rooms or self.rounds == 0 or not self.verify.known:
+            return plain  # the first round measures a plain forward
+        if not self.draft.known:  # the second measures a draft step
+            return {b: min(1, room) for b, room in rooms.items()}
+        _, v_slope = self.verify.coefficients()
+        _, d_slope = self.draft.coefficients()
+        # a verify wider than twice the widest measured is extrapolated too far
+        widest = max(2 * self.verify.widest, len(rooms) + extra_tokens + len(rooms))
+        best, best_rate = plain, self.rate(plain, extra_tokens)
+        for cap in range(1, min(self.k_max, max(rooms.values(), default=0)) + 1):
+            trial = best_rate
+            for _ in range(3):  # Dinkelbach: each row's best window at the trial rate, then the rate
+                ks = {}
+                for b, room in rooms.items():
+                    a = self.alpha(b)
+                    ks[b] = max(range(min(cap, room) + 1),
+                                key=lambda k: expected_tokens(a, k) - 1 - trial * k * (v_slope + d_slope))
+                if sum(1 + k for k in ks.values()) + extra_tokens > widest:
+                    break
+                r = self.rate(ks, extra_tokens)
+                if r <= trial:
+                    break
+                trial = r
+                if r > best_rate:
+                    best, best_rate = ks, r
+        return self._probes(best, rooms)
+
+    def _probes(self, ks: dict[int, int], rooms: dict[int, int]) -> dict[int, int]:
+        """A row that has not drafted for its gap drafts one token, to learn whether it
+        pays again; the gap doubles at each probe and starts over once the row drafts
+        by choice."""
+        out = dict(ks)
+        for b, k in ks.items():
+            if k:
+                self.gap[b] = self.PROBE_EVERY
+            elif self.plain.get(b, 0) >= self.gap.get(b, self.PROBE_EVERY) and rooms[b] >= 1:
+                out[b] = 1
+                self.gap[b] = 2 * self.gap.get(b, self.PROBE_EVERY)
+                self.plain[b] = 0
+        return out
+
+    # ---- learning
+    def update(self, rows: dict[int, tuple[int, int]], tokens: int, verify_s: float, draft_steps: int,
+               draft_s: float) -> None:
+        """Record a round: per slot (drafted, accepted), the tokens its target forward fed,
+        its seconds, and the draft steps it ran (all rows in lockstep) and their seconds
+        (catch-up forwards excluded)."""
+        self.rounds += 1
+        self.verify.add(tokens, verify_s)
+        drafting = sum(d > 0 for d, _ in rows.values())
+        if draft_steps and drafting:
+            self.draft.add(drafting, draft_s / draft_steps)
+        hits = misses = 0.0
+        for b, (drafted, accepted) in rows.items():
+            if not drafted:
+                self.plain[b] = self.plain.get(b, 0) + 1
+                continue
+            self.plain[b] = 0
+            h, m = self.rows.setdefault(b, list(self.pool))
+            miss = float(accepted < drafted)
+            self.rows[b] = [self.decay * h + accepted, self.decay * m + miss]
+            hits, misses = hits + accepted, misses + miss
+        if hits or misses:
+            self.pool = [self.decay * self.pool[0] + hits, self.decay * self.pool[1] + misses]

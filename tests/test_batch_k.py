@@ -1,0 +1,95 @@
+"""The batch controller: each row's window from the cost of the whole batch's round."""
+
+import pytest
+
+from sybil.adaptive import expected_tokens
+from sybil.batch_k import BatchK
+
+
+def _trained(step_s=0.050, per_token_s=0.005, draft_step_s=0.004, draft_per_row_s=0.001, rows=8):
+    """A controller that has measured forwards of 1..40 tokens on a line and draft steps
+    of 1..rows rows on a line (seconds)."""
+    c = BatchK(k_max=8)
+    for n in range(1, 41, 3):
+        c.update({}, n, step_s + per_token_s * (n - 1), 0, 0.0)
+    for r in range(1, rows + 1):
+        c.update({b: (1, 1) for b in range(r)}, 2 * r, step_s + per_token_s * (2 * r - 1),
+                 1, draft_step_s + draft_per_row_s * r)
+    return c
+
+
+def _set_alpha(c, slot, alpha, weight=50.0):
+    c.start(slot)
+    c.rows[slot] = [alpha * weight, (1 - alpha) * weight]
+
+
+def test_the_first_rounds_measure_a_plain_forward_then_a_draft_step():
+    c = BatchK()
+    assert c.choose({0: 5, 1: 5}) == {0: 0, 1: 0}
+    c.update({0: (0, 0), 1: (0, 0)}, 2, 0.05, 0, 0.0)
+    assert c.choose({0: 5, 1: 0}) == {0: 1, 1: 0}  # one token each, within each row's room
+
+
+def test_the_fitted_lines_recover_the_costs():
+    c = _trained()
+    a, b = c.verify.coefficients()
+    assert a + b == pytest.approx(0.050) and b == pytest.approx(0.005)
+    assert c.draft_s(4) == pytest.approx(0.004 + 0.001 * 4)
+
+
+def test_a_row_that_agrees_drafts_and_one_that_does_not_steps_plainly():
+    c = _trained()
+    _set_alpha(c, 0, 0.9)
+    _set_alpha(c, 1, 0.02)
+    ks = c.choose({0: 20, 1: 20})
+    assert ks[0] >= 3 and ks[1] == 0
+
+
+def test_drafting_stops_paying_when_the_batch_makes_every_token_dear():
+    """The same acceptance: one row drafts, but when eight rows share a round on a machine
+    where each token fed costs a fifth of a step, every window is 0 (a plain round)."""
+    cheap, dear = _trained(per_token_s=0.001), _trained(per_token_s=0.010)
+    for c in (cheap, dear):
+        for b in range(8):
+            _set_alpha(c, b, 0.5)
+    assert cheap.choose({0: 20})[0] > 0
+    assert set(dear.choose({b: 20 for b in range(8)}).values()) == {0}
+    ks = cheap.choose({b: 20 for b in range(8)})
+    assert max(ks.values()) > 0  # cheap tokens: the batch still drafts
+    rate = lambda c, ks: c.rate(ks)  # noqa: E731
+    assert rate(dear, {b: 0 for b in range(8)}) > rate(dear, {b: 2 for b in range(8)})
+
+
+def test_the_choice_maximises_the_rate_over_every_uniform_window():
+    c = _trained()
+    for b, a in enumerate([0.9, 0.7, 0.4, 0.1]):
+        _set_alpha(c, b, a)
+    rooms = {b: 8 for b in range(4)}
+    ks = c.choose(rooms)
+    best_uniform = max(c.rate({b: k for b in rooms}) for k in range(9))
+    assert c.rate(ks) >= best_uniform - 1e-9
+    assert ks[0] >= ks[1] >= ks[2] >= ks[3]  # more acceptance, longer window
+
+
+def test_rows_that_never_land_stop_drafting_and_probe_at_doubling_gaps():
+    c = _trained()
+    c.start(0)
+    drafted_rounds = []
+    for i in range(200):
+        k = c.choose({0: 50})[0]
+        c.update({0: (k, 0)}, 1 + k, 0.05 + 0.005 * k, 1 if k else 0, 0.005 if k else 0.0)
+        if k:
+            drafted_rounds.append(i)
+    assert c.alpha(0) < 0.15 and len(drafted_rounds) <= 15
+    late = [r for r in drafted_rounds if r > 10]  # after the first few rounds: probes only
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert len(late) >= 2 and all(g2 > g1 for g1, g2 in zip(gaps, gaps[1:]))
+
+
+def test_a_new_row_starts_from_the_pooled_acceptance():
+    c = _trained()
+    for _ in range(30):
+        c.update({0: (4, 4), 1: (4, 4)}, 10, 0.1, 4, 0.02)
+    c.start(5)
+    assert c.alpha(5) > 0.9
+    assert expected_tokens(c.alpha(5), 4) > 4
