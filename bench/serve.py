@@ -1,9 +1,16 @@
 """python -m bench.serve: load on the OpenAI-compatible server, at several concurrencies.
 
-Starts a server (or targets --url), runs N concurrent streaming clients per level
-(greedy, <|endoftext|> ignored, every request the same length), and reports total
-tokens/s, time to first token and inter-token latency (p50, p99) per level, with
-and without the draft, as a table and JSON.
+Starts a server (or targets --url), runs N concurrent clients per level and reports
+total tokens/s, time to first token and inter-token latency (p50, p99) per level, with
+and without the draft, as a table and JSON. `--workload uniform` (the default): every
+request a streaming greedy one of the same length. `--workload mixed` (bench.mixed):
+prompts of 2-400 tokens, outputs of 8-128, shared prefixes and repeats, streams and
+non-streams, disconnects and bad requests; each level then also counts what the server
+got wrong and checks a sample of answers against the same requests sent alone.
+`--duration S` soaks one level of the mixed workload for S seconds and reports the
+server's resident memory after the first minute and at the end. `--compare-chunking`
+adds a row with chunked prefill off (each prompt prefilled whole as it joins), and
+`--peer llamacpp` a row for llama.cpp's llama-server on the same weights (GGUF).
 
 With --weights random (real shapes, random values, the default here: no real
 weights can be downloaded on the machines this runs on) acceptance between two
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import mixed
 from bench.workload import SimulatedDrafter, load_prompts, random_model, real_model
 from sybil.cli import OneLineParser, run_cli
 from sybil.errors import SybilError
@@ -54,7 +62,10 @@ def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise SybilError(f"the server ended a stream: {chunk['error']['message']}")
-            n = len(chunk["choices"][0].get("token_ids") or [])
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            ids = choice.get("token_ids")
+            # a peer without token ids (llama-server) streams one token per chunk
+            n = len(ids) if ids is not None else int(bool(choice) and choice.get("finish_reason") is None)
             if not n:
                 continue
             now = time.perf_counter()
@@ -123,10 +134,11 @@ def _drain(stream) -> None:
         pass
 
 
-def start_worker(args, with_draft: bool) -> tuple[subprocess.Popen, str]:
+def start_worker(args, with_draft: bool, chunk: str = "auto") -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "bench.serve", "--worker", "--target", args.target, "--weights", args.weights,
            "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens),
-           "--prompts", str(args.prompts), "--k", str(args.k), "--draft-quantize", args.draft_quantize]
+           "--prompts", str(args.prompts), "--k", str(args.k), "--draft-quantize", args.draft_quantize,
+           "--prefill-chunk", str(chunk)]
     cmd += ["--draft", args.draft if with_draft else "none", "--simulate-acceptance", str(args.simulate_acceptance)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -156,7 +168,9 @@ def worker(args) -> int:
         lambda name, seed: real_model(name, dtype, device))
     target = build(args.target, 0)
     draft, label = None, ""
-    if args.draft != "none":
+    if args.draft in ("ngram", "suffix"):
+        draft, label = args.draft, f", draft {args.draft} k={args.k}"
+    elif args.draft != "none":
         quantize = resolve_draft_quantize(args.draft_quantize, device)
         model = build(args.draft, 1) if args.weights == "random" else load_model(args.draft, dtype, device)
         if quantize:
@@ -170,7 +184,11 @@ def worker(args) -> int:
             draft = SlotSimulatedDrafter(model, target.config.n_positions, args.max_batch, table,
                                          args.simulate_acceptance)
             label += f", SIMULATED acceptance {args.simulate_acceptance}"
-    scheduler = Scheduler(target, draft, args.k if args.k == "auto" else int(args.k), args.max_batch, 4 * args.max_batch)
+    chunk = None if args.prefill_chunk == "0" else args.prefill_chunk if args.prefill_chunk == "auto" else int(
+        args.prefill_chunk)
+    scheduler = Scheduler(target, draft, args.k if args.k == "auto" else int(args.k), args.max_batch, 4 * args.max_batch,
+                          prefill_chunk=chunk)
+    label += f", prefill chunk {args.prefill_chunk}"
     serve(scheduler, args.target, bind("127.0.0.1", 0), 1.0, f"{args.target} ({args.weights} weights{label})")
     return 0
 
@@ -190,20 +208,28 @@ class SlotSimulatedDrafter(SimulatedDrafter):
 
 
 def render(rows: list[dict], config: dict) -> str:
+    load = "mixed workload (bench.mixed)" if config.get("workload") == "mixed" or config.get("duration") else (
+        f"{config['max_tokens']} tokens per request, streaming")
+    checked = any("problems" in r for r in rows)
     lines = [
         f"server: {config['target']} ({config['weights']} weights), {config['dtype']}, max batch "
-        f"{config['max_batch']}, {config['max_tokens']} tokens per request, greedy, streaming",
+        f"{config['max_batch']}, {load}, greedy",
         "| draft | concurrency | requests | tokens/s | vs concurrency 1 | TTFT p50 ms | TTFT p99 ms "
-        "| ITL p50 ms | ITL p99 ms | acceptance |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ITL p50 ms | ITL p99 ms | acceptance |" + (" wrong | solo checks (mismatches) | RSS growth |" if checked else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if checked else ""),
     ]
     f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['draft']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
             f"{f(r.get('vs_concurrency_1'), '.2f')} | {f(r['ttft_ms_p50'], '.0f')} | {f(r['ttft_ms_p99'], '.0f')} | "
             f"{f(r['itl_ms_p50'], '.1f')} | {f(r['itl_ms_p99'], '.1f')} | {f(r['acceptance'], '.2f')} |"
         )
+        if checked:
+            growth = r.get("rss_growth")
+            line += (f" {r.get('problems', 'n/a')} | {r.get('solo_checked', 'n/a')} ({r.get('solo_mismatches', 'n/a')}) "
+                     f"| {'n/a' if growth is None else format(growth, '+.1%')} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -215,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["real", "random"], default="random")
     p.add_argument("--simulate-acceptance", type=float, default=0.8, metavar="A",
                    help="random weights: the simulated draft's acceptance (default 0.8)")
-    p.add_argument("--k", default="4")
+    p.add_argument("--k", default="auto", help="the draft window: auto (default, per row) or a number")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="auto", help=DRAFT_QUANTIZE_HELP)
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels")
@@ -223,9 +249,138 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8, help="how many of the benchmark prompts to cycle through")
+    p.add_argument("--workload", choices=["uniform", "mixed"], default="uniform",
+                   help="uniform (default): identical streaming requests; mixed: see bench.mixed")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="soak: the mixed workload at the last concurrency level for S seconds")
+    p.add_argument("--seed", type=int, default=0, help="the mixed workload's seed (default 0)")
+    p.add_argument("--prefill-chunk", default="auto", help="the server's --prefill-chunk (default auto)")
+    p.add_argument("--compare-chunking", action="store_true",
+                   help="add a row with chunked prefill off, in the same run")
+    p.add_argument("--peer", choices=["llamacpp"], default=None,
+                   help="add a row for llama.cpp's llama-server on the same weights (bench/build_llamacpp.sh)")
+    p.add_argument("--quantize", default="none", help="the peer's precision: none (F32) or int8 (Q8_0)")
+    p.add_argument("--threads", type=int, default=2, help="the peer's threads (default 2)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def run_mixed(url: str, concurrency: int, seed: int, count: int | None = None, duration: float | None = None,
+              pid: int | None = None, check: int = 20) -> dict:
+    """`count` requests of the mixed workload (or as many as `duration` seconds take) from
+    `concurrency` clients; what went wrong; a sample checked against solo answers."""
+    with httpx.Client(timeout=60) as c:
+        context = c.get(url + "/v1/models").json()["data"][0].get("max_model_len", 1024)
+    gen, lock, results, issued = mixed.requests(seed, context), threading.Lock(), [], [0]
+    deadline = None if duration is None else time.perf_counter() + duration
+    rss: dict[str, int] = {}
+
+    def take():
+        with lock:
+            if (deadline is None and issued[0] >= count) or (deadline is not None and time.perf_counter() > deadline):
+                return None
+            issued[0] += 1
+            return next(gen)
+
+    def client() -> None:
+        with httpx.Client(timeout=600) as c:
+            while (req := take()) is not None:
+                try:
+                    r = mixed.send(c, url, req)
+                except httpx.HTTPError as e:  # a dropped connection is the server's fault here
+                    r = {"kind": req.kind, "status": 599, "ids": [], "ttft_s": None, "gaps_s": [], "req": req,
+                         "error": str(e)}
+                with lock:
+                    results.append(r)
+
+    def watch() -> None:
+        time.sleep(60)
+        rss["after_1_min"] = mixed.rss_bytes(pid)
+
+    with httpx.Client(timeout=600) as c:
+        drafted0, accepted0 = metric(c, url, "sybil_draft_tokens_total"), metric(c, url, "sybil_accepted_tokens_total")
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    if pid and duration and duration > 60:
+        threads.append(threading.Thread(target=watch, daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads[:concurrency]:
+        t.join()
+    wall = time.perf_counter() - t0
+    if pid:
+        rss["end"] = mixed.rss_bytes(pid)
+    with httpx.Client(timeout=60) as c:  # the server must be idle again once every client is gone
+        for _ in range(50):
+            running, queued = metric(c, url, "sybil_running_requests"), metric(c, url, "sybil_queued_requests")
+            if running == queued == 0:
+                break
+            time.sleep(0.2)
+        drafted = metric(c, url, "sybil_draft_tokens_total") - drafted0
+        accepted = metric(c, url, "sybil_accepted_tokens_total") - accepted0
+    streamed = [r for r in results if r["req"].kind == "ok" and r["req"].stream and r["status"] == 200]
+    ttft = [r["ttft_s"] for r in streamed if r["ttft_s"] is not None]
+    gaps = [g for r in streamed for g in r["gaps_s"]]
+    wrong = mixed.problems(results)
+    checked, mismatches = mixed.check_solo(url, results, check)
+    ms = lambda v: None if v is None else 1000 * v  # noqa: E731
+    row = {
+        "concurrency": concurrency, "requests": len(results), "wall_s": wall,
+        "tokens": sum(len(r["ids"]) for r in results if r["status"] == 200),
+        "ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
+        "itl_ms_p50": ms(percentile(gaps, 50)), "itl_ms_p99": ms(percentile(gaps, 99)),
+        "acceptance": accepted / drafted if drafted else None, "problems": len(wrong), "problem_examples": wrong[:3],
+        "solo_checked": checked, "solo_mismatches": len(mismatches), "mismatch_examples": mismatches[:3],
+        "running_after": running, "queued_after": queued,
+    }
+    row["tokens_per_s"] = row["tokens"] / wall
+    if rss:
+        row["rss_mb"] = {k: v / 2**20 for k, v in rss.items()}
+        if "after_1_min" in rss:
+            row["rss_growth"] = rss["end"] / rss["after_1_min"] - 1
+    return row
+
+
+def start_llama_server(args) -> tuple[subprocess.Popen, str, object]:
+    """llama.cpp's server on GGUF conversions of the same random weights (seed 0), at the
+    matching precision, with --max-batch slots."""
+    import socket
+
+    import torch
+
+    from bench import llamacpp
+    from bench.workload import hf_mirror
+
+    if args.weights != "random":
+        raise SybilError("--peer llamacpp converts the benchmark's random weights; use --weights random")
+    server = llamacpp.binary("llama-server")
+    if server is None or llamacpp.why_unavailable():
+        raise SybilError(f"llama-server is not available: {llamacpp.why_unavailable() or 'not built'} "
+                         "(bench/build_llamacpp.sh)")
+    target = random_model(args.target, 0, torch.float32, torch.device("cpu"))
+    peer = llamacpp.LlamaCppPeer(hf_mirror(target), None if args.quantize == "none" else args.quantize, args.threads)
+    gguf = peer.files[peer.types[0]]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = args.max_batch * target.config.n_positions
+    proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
+                             str(args.max_batch), "-c", str(ctx), "-t", str(args.threads), "-cb"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, peer
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.terminate()
+    peer.close()
+    raise SybilError("llama-server did not start")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,28 +394,47 @@ def run(args: argparse.Namespace) -> int:
         raise SybilError("--concurrency levels, --requests-per-client and --max-tokens must be at least 1")
     if args.weights == "random" and not 0 <= args.simulate_acceptance <= 1:
         raise SybilError("--simulate-acceptance must be between 0 and 1")
+    if args.duration is not None and args.duration <= 0:
+        raise SybilError("--duration must be a positive number of seconds")
+    mixed_load = args.workload == "mixed" or args.duration is not None
+    simulated = args.weights == "random" and args.draft not in ("ngram", "suffix")
     prompts = load_prompts(args.prompts)
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
     rows = []
-    setups = [("external", args.url)] if args.url else [("none", None)] + (
-        [] if args.draft == "none" else [("draft", None)])
-    for name, url in setups:
-        proc = None
-        if url is None:
-            proc, url = start_worker(args, with_draft=name == "draft")
+    if args.url:
+        setups = [("external", None)]
+    else:
+        setups = [("none", "auto")] + ([("sequential", "0")] if args.compare_chunking else []) + (
+            [] if args.draft == "none" else [("draft", "auto")]) + ([("llama-server", None)] if args.peer else [])
+    for name, chunk in setups:
+        proc, peer, url = None, None, args.url
+        if name == "llama-server":
+            proc, url, peer = start_llama_server(args)
+        elif url is None:
+            proc, url = start_worker(args, with_draft=name == "draft", chunk=chunk)
         try:
             with httpx.Client() as c:
                 one_request(c, url, prompts[0], 4)  # warm-up
-            label = name
+            label = {"none": "none", "sequential": "none, prefill whole (no chunks)", "external": "external",
+                     "llama-server": "llama-server (llama.cpp)"}.get(name)
             if name == "draft":
                 label = f"{args.draft} k={args.k}"
-                if args.weights == "random":
+                if simulated:
                     label += f" SIMULATED acceptance {args.simulate_acceptance}"
             base = None
-            for c in levels:
+            for c in levels if args.duration is None else levels[-1:]:
                 print(f"[bench] {label}: concurrency {c}", file=sys.stderr, flush=True)
-                r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
-                r["draft"] = label
+                if name == "llama-server" and mixed_load:
+                    r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
+                    label_row = label + " (uniform workload: it is not checked)"
+                elif mixed_load:
+                    r = run_mixed(url, c, args.seed, count=args.requests_per_client * c, duration=args.duration,
+                                  pid=proc.pid if proc and name != "llama-server" else None)
+                    label_row = label
+                else:
+                    r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
+                    label_row = label
+                r["draft"] = label_row
                 base = base or (r["tokens_per_s"] if c == levels[0] else None)
                 r["vs_concurrency_1"] = r["tokens_per_s"] / base if base and levels[0] == 1 else None
                 rows.append(r)
@@ -268,13 +442,14 @@ def run(args: argparse.Namespace) -> int:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
+            if peer is not None:
+                peer.close()
     print(render(rows, config))
     record = {"config": config, "rows": rows,
-              "note": "acceptance in rows marked SIMULATED is simulated (random weights)" if args.weights == "random"
-              else ""}
-    print(json.dumps(record))
+              "note": "acceptance in rows marked SIMULATED is simulated (random weights)" if simulated else ""}
+    print(json.dumps(record, default=str))
     if args.json:
-        args.json.write_text(json.dumps(record, indent=2))
+        args.json.write_text(json.dumps(record, indent=2, default=str))
     return 0
 
 

@@ -26,7 +26,7 @@ def test_a_small_run_reports_every_level_with_and_without_the_draft(tiny, tmp_pa
     target, draft = tiny
     out = tmp_path / "serve.json"
     r = _bench("--target", str(target), "--draft", str(draft), "--concurrency", "1,3", "--max-tokens", "6",
-               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--json", str(out))
+               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--k", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
     rows = rec["rows"]
@@ -58,3 +58,37 @@ def test_percentile_is_nearest_rank():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile(list(map(float, range(101))), 99) == 99.0
+
+
+def test_the_mixed_workload_is_seeded_and_holds_every_kind_of_request():
+    from itertools import islice
+
+    from bench import mixed
+
+    a = list(islice(mixed.requests(7, context=256), 300))
+    b = list(islice(mixed.requests(7, context=256), 300))
+    assert [(r.prompt, r.max_tokens, r.kind) for r in a] == [(r.prompt, r.max_tokens, r.kind) for r in b]
+    kinds = {k: sum(r.kind == k for r in a) for k in ("ok", "disconnect", "bad")}
+    assert all(kinds.values()) and kinds["ok"] > 0.8 * len(a)
+    good = [r for r in a if r.kind != "bad"]
+    assert all(2 <= len(r.prompt) <= 256 - 129 and 8 <= r.max_tokens <= 128 for r in good)
+    assert {r.stream for r in good} == {True, False}
+    prompts = [tuple(r.prompt) for r in good]
+    assert len(set(prompts)) < len(prompts)  # exact repeats
+    heads = [p[:50] for p in prompts if len(p) > 60]
+    assert len(set(heads)) < len(heads)  # shared prefixes
+
+
+def test_a_mixed_run_finds_nothing_wrong_and_every_checked_answer_equals_its_solo_run(tiny, tmp_path):
+    target, _ = tiny
+    out = tmp_path / "mixed.json"
+    r = _bench("--target", str(target), "--draft", "suffix", "--workload", "mixed", "--concurrency", "3",
+               "--requests-per-client", "5", "--max-batch", "3", "--compare-chunking", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["draft"].split(" ")[0] for row in rows] == ["none", "none,", "suffix"]
+    for row in rows:
+        assert row["requests"] == 15 and row["problems"] == 0, row["problem_examples"]
+        assert row["solo_checked"] > 0 and row["solo_mismatches"] == 0, row["mismatch_examples"]
+        assert row["running_after"] == row["queued_after"] == 0
+    assert "SIMULATED" not in rows[2]["draft"] and rows[2]["acceptance"] is not None  # suffix acceptance is real
