@@ -149,6 +149,11 @@ class ModelDrafter:
     def rewind(self, n_valid: list[int]) -> None:
         self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Row dst starts with the first n tokens of row src's sequence: copy the entries
+        the draft holds of them (it catches up on the rest when it next drafts)."""
+        self.cache.copy_prefix(src, dst, min(n, int(self.cache.lengths[src])))
+
 
 def weight_bytes(model: GPT) -> int:
     """Bytes read per decoded token: every weight once (named_parameters counts the tied

@@ -119,38 +119,61 @@ class Decoder:
         self.pending: list[list[int]] = [[] for _ in range(slots)]
         self.joined: list[int] = []  # slots with pending tokens
         self.waited = [0] * slots  # rounds each pending prompt has waited
+        # each slot's scored prompt: (its log-probabilities, the alternatives asked), or None
+        self.scored: list[tuple[list, int] | None] = [None] * slots
 
-    def reusable(self, slot: int, prompt: list[int]) -> int:
+    def reusable(self, slot: int, prompt: list[int], top: int | None = None) -> int:
         """How many of prompt's cache entries (all but its last token's) the slot already
-        holds: the prefix it shares with the slot's earlier sequence, up to the entries
-        that sequence left valid (every committed token but the last)."""
+        holds: the prefix it shares with the slot's sequence, up to the entries that
+        sequence has valid (its committed tokens but the last, or the part of its prompt
+        fed so far). top=N (the prompt is to be scored): only as far as the slot's own
+        prompt was scored with N alternatives, whose log-probabilities are reused too."""
         if not self.reuse:
             return 0
         old, n = self.seqs[slot], min(int(self.cache.lengths[slot]), len(prompt) - 1)
+        if top is not None:
+            scored = self.scored[slot]
+            n = min(n, len(scored[0]) if scored is not None and scored[1] == top else 0)
         keep = 0
         while keep < n and old[keep] == prompt[keep]:
             keep += 1
         return keep
 
+    def source(self, slot: int, prompt: list[int], top: int | None = None) -> tuple[int, int]:
+        """The slot whose entries share most of prompt (any slot: a running one's committed
+        prefix is as valid as a finished one's), and how many: (source, tokens). The slot
+        itself on a tie, where nothing needs copying."""
+        return max(((b, self.reusable(b, prompt, top)) for b in range(len(self.seqs))),
+                   key=lambda bk: (bk[1], bk[0] == slot))
+
     def add(
         self, slot: int, prompt: list[int], params: SamplingParams, seed: int | None,
         logprobs: int | None = None, prompt_logprobs: int | None = None,
     ) -> list[TokenLogprob | None] | None:
-        """Start a sequence in a slot. Its pointers go back to the prefix it shares with
-        the slot's earlier sequence (reusable: a prompt cache; past it, what the earlier
-        sequence left is stale and never read) and the rest of its prompt, all but the
-        last token, is prefilled on that slot alone: eager, its shape is one-off.
+        """Start a sequence in a slot. It takes the longest prefix of prompt that any slot's
+        entries hold (source: its own earlier sequence, or a copy from another slot; a
+        prompt cache), and the rest of its prompt, all but the last token, is prefilled:
+        in chunks inside later rounds (chunked prefill), or now, on that slot alone.
         logprobs=N: each round reports its tokens' log-probabilities with N
         alternatives. prompt_logprobs=N: the prefill computes logits too and this
-        returns the prompt tokens' (the first has none: nothing predicts it)."""
-        keep = self.reusable(slot, prompt) if prompt_logprobs is None else 0  # scoring needs every logit
+        returns the prompt tokens' (the first has none: nothing predicts it); a shared
+        prefix scored with N alternatives before is not scored again."""
+        src, keep = self.source(slot, prompt, prompt_logprobs)
         self.cached = keep
+        if src != slot and keep:
+            self.cache.copy_prefix(src, slot, keep)
+        for d in _models(self.drafter):  # the draft's entries of the shared prefix are as valid as the target's
+            if src != slot and keep:
+                d.copy_prefix(src, slot, keep)
+            else:
+                d.rewind([keep if b == slot else int(n) for b, n in enumerate(d.cache.lengths)])
+        reused = self.scored[src][0][:keep] if prompt_logprobs is not None and keep else None
         self.seqs[slot], self.params[slot], self.seeds[slot] = list(prompt), params, seed
         self.top[slot] = logprobs
         self.counts[slot] = torch.zeros(self.model.config.vocab_size) if params.penalised else None
         self.cache.set_lengths(slot, [keep])
         scored = None
-        self.pending[slot] = []
+        self.pending[slot], self.scored[slot] = [], None
         if slot in self.joined:
             self.joined.remove(slot)
         if prompt_logprobs is None and self.chunk:
@@ -161,14 +184,24 @@ class Decoder:
         elif prompt_logprobs is None:
             prefill_row(self.model, self.cache, slot, prompt[keep:-1])
         else:
-            scored = [None]
-            for lo in range(0, len(prompt) - 1, PROMPT_SCORE_CHUNK):
-                part = prompt[lo : min(lo + PROMPT_SCORE_CHUNK, len(prompt) - 1)]
-                rows = [part if b == slot else [] for b in range(self.cache.batch)]
-                logits = forward_rows(self.model, self.cache, rows)[slot, : len(part)]  # [len(part), V]
-                scored += score(logits, prompt[lo + 1 : lo + 1 + len(part)], prompt_logprobs)
-        if self.drafter is not None:  # the draft's entries of the shared prefix are as valid as the target's
-            self.drafter.rewind([keep if b == slot else len(s) for b, s in enumerate(self.seqs)])
+            scored = self._score(slot, prompt, keep, reused, prompt_logprobs)
+            self.scored[slot] = (scored, prompt_logprobs)
+        return scored
+
+    def _score(self, slot: int, prompt: list[int], keep: int, reused: list | None, top: int
+               ) -> list[TokenLogprob | None]:
+        """The prompt's log-probabilities: the first `keep` from an earlier scoring of the
+        same prefix, the rest from forwards that start one entry back (its logits score
+        prompt[keep]; the entry it rewrites is the same bits)."""
+        scored, start = [None], 0
+        if keep:
+            scored, start = list(reused), keep - 1
+            self.cache.set_lengths(slot, [start])
+        for lo in range(start, len(prompt) - 1, PROMPT_SCORE_CHUNK):
+            part = prompt[lo : min(lo + PROMPT_SCORE_CHUNK, len(prompt) - 1)]
+            rows = [part if b == slot else [] for b in range(self.cache.batch)]
+            logits = forward_rows(self.model, self.cache, rows)[slot, : len(part)]  # [len(part), V]
+            scored += score(logits, prompt[lo + 1 : lo + 1 + len(part)], top)
         return scored
 
     def release(self, slot: int) -> None:

@@ -98,6 +98,15 @@ class KVCache:
         new[lo : lo + len(lengths)] = lengths
         self.lengths = new
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Give row dst row src's first n entries (a copy of n positions, far cheaper than
+        recomputing them) and point it just past them."""
+        if not 0 <= n <= int(self.lengths[src]):
+            raise ValueError(f"row {src} holds {int(self.lengths[src])} entries, not {n}")
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.set_lengths(dst, [n])
+
     def advance(self, counts: torch.Tensor | list[int]) -> None:
         """Move each row's pointer past the counts[b] tokens just written for it."""
         new = self.lengths + torch.as_tensor(counts, dtype=torch.long)

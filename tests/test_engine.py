@@ -514,3 +514,43 @@ def test_a_request_goes_to_the_free_slot_holding_most_of_its_prompt(spec):
     assert batch.best_slot(prompts[1] * 2 + prompts[3], [0, 1, 2]) == 1
     assert batch.best_slot(prompts[4], [0, 1, 2]) == 0  # nothing shared: the first free slot
     assert batch.best_slot(prompts[1] * 2, [0, 2]) == 0
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_a_prefix_held_by_another_busy_slot_is_copied_not_recomputed(spec, with_draft):
+    path, _, drafts, prompts, _ = spec
+    target = sybil.load_model(path)
+    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2) if with_draft else None
+    batch = Batch(target, 2, 128, drafter, k=3)
+    context = prompts[0] + prompts[1]
+    from sybil.engine import Generation
+
+    running = Generation(prompt_ids=context)
+    batch.add(0, running, 12, SamplingParams(), None, stop_at_eos=False)
+    batch.step()  # slot 0 is busy: its prompt's entries are valid
+    joining = Generation(prompt_ids=context + prompts[2])
+    batch.add(1, joining, 8, SamplingParams(), None, stop_at_eos=False)
+    assert batch.dec.cached == len(context)
+    n = len(joining.prompt_ids) - 1
+    fresh = Decoder(target, 1, 128)
+    fresh.add(0, joining.prompt_ids, SamplingParams(), None)
+    assert torch.equal(batch.dec.cache.k[:, 1, :, :n], fresh.cache.k[:, 0, :, :n])
+    while batch.active:
+        batch.step()
+    assert running.tokens == sybil.generate(target, context, 12, stop_at_eos=False).tokens
+    assert joining.tokens == sybil.generate(target, joining.prompt_ids, 8, stop_at_eos=False).tokens
+
+
+def test_a_scored_prefix_is_not_scored_again_and_its_log_probabilities_are_the_same(spec):
+    """lm-evaluation-harness scores one context once per answer: the second request reuses
+    the first's entries and log-probabilities, and gets what a fresh scoring gives."""
+    path, _, _, prompts, _ = spec
+    target = sybil.load_model(path)
+    context = prompts[0] + prompts[1]
+    dec = Decoder(target, 2, 128)
+    dec.add(0, context + prompts[2][:3], SamplingParams(), None, prompt_logprobs=2)
+    for answer, top, shared in ((prompts[3][:4], 2, len(context)), (prompts[4][:2], 1, 0)):
+        got = dec.add(1, context + answer, SamplingParams(), None, prompt_logprobs=top)
+        assert dec.cached == shared  # other alternatives asked: scored afresh
+        fresh = Decoder(target, 1, 128)
+        assert got == fresh.add(0, context + answer, SamplingParams(), None, prompt_logprobs=top)
