@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="soak: the mixed workload at the last concurrency level for S seconds")
     p.add_argument("--seed", type=int, default=0, help="the mixed workload's seed (default 0)")
+    p.add_argument("--check", type=int, default=20, metavar="N",
+                   help="mixed workload: send up to N completed answers again alone and compare (default 20)")
     p.add_argument("--prefill-chunk", default="auto", help="the server's --prefill-chunk (default auto)")
     p.add_argument("--compare-chunking", action="store_true",
                    help="add a row with chunked prefill off, in the same run")
@@ -429,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
                     label_row = label + " (uniform workload: it is not checked)"
                 elif mixed_load:
                     r = run_mixed(url, c, args.seed, count=args.requests_per_client * c, duration=args.duration,
-                                  pid=proc.pid if proc and name != "llama-server" else None)
+                                  pid=proc.pid if proc and name != "llama-server" else None, check=args.check)
                     label_row = label
                 else:
                     r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
