@@ -9,6 +9,10 @@ token fed beside them added about 4.6 ms (16 tokens: 149 ms, 32: 223 ms, 64: 382
 "auto" keeps that trade fixed as the batch changes: it measures a round without prompt
 tokens (r0) and the cost of each prompt token (c) as it runs, and feeds
 (STALL - 1) * r0 / c tokens, so a round with a chunk costs about STALL rounds without.
+STALL is just under 3: a running row's slowest gaps (the rounds with a chunk) stay
+within 3x its typical one, and prompts are fed at (STALL - 1) / STALL of the speed of
+a prefill alone (at STALL 2, half: in a mixed load on the 2-core machine the median
+time to first token was then 6.7x that of prefilling each prompt whole as it joined).
 When no row is decoding nobody waits, and the round feeds up to IDLE tokens.
 """
 
@@ -18,11 +22,11 @@ from sybil.errors import SybilError
 
 
 class PrefillBudget:
-    STALL = 2.0  # a round with a chunk costs about this many rounds without one
+    STALL = 2.75  # a round with a chunk costs about this many rounds without one
     FIRST = 32  # tokens per round until the costs are measured
     LEAST, IDLE = 8, 512
 
-    def __init__(self, chunk: int | str, decay: float = 0.8) -> None:
+    def __init__(self, chunk: int | str, decay: float = 0.5) -> None:
         if chunk != "auto" and (not isinstance(chunk, int) or chunk < 1):
             raise SybilError(f"the prefill chunk must be a positive number of tokens or 'auto', got {chunk!r}")
         self.fixed = None if chunk == "auto" else chunk

@@ -13,16 +13,17 @@ def test_a_fixed_chunk_is_kept_whatever_the_costs():
     assert budget.tokens(8) == budget.tokens(0) == 48
 
 
-def test_auto_feeds_what_doubles_a_round_from_measured_costs():
+def test_auto_feeds_what_makes_a_round_cost_stall_rounds_from_measured_costs():
     budget = PrefillBudget("auto", decay=0.0)  # no smoothing: the last measurement
     assert budget.tokens(4) == PrefillBudget.FIRST  # nothing measured yet
     budget.update(16, 4, 0.5)  # a chunk before any plain round is measured: no token cost yet
     assert budget.tokens(4) == PrefillBudget.FIRST
     budget.update(0, 4, 0.080)  # a round of 4 rows: 80 ms
     budget.update(20, 4, 0.180)  # 20 prompt tokens beside them: 5 ms each
-    assert budget.tokens(4) == 16  # (2 - 1) * 80 ms / 5 ms: a round with a chunk costs two
-    budget.update(0, 4, 0.040)  # the rounds got cheaper (fewer rows): a smaller chunk
-    assert budget.tokens(4) == 8
+    stall = PrefillBudget.STALL
+    assert budget.tokens(4) == int((stall - 1) * 0.080 / 0.005)  # a round with a chunk costs STALL without
+    budget.update(0, 4, 0.020)  # the rounds got cheaper (fewer rows): a smaller chunk
+    assert budget.tokens(4) == max(PrefillBudget.LEAST, int((stall - 1) * 0.020 / 0.005))
 
 
 def test_auto_is_bounded_and_gives_everything_when_no_row_decodes():
