@@ -156,7 +156,7 @@ def sybil_runner(target, prompts, n, *, draft=None, k=4, oracles=None, accept=No
     k "auto" starts a fresh controller in every call, as a one-off `generate --k auto`
     does; "auto-shared" hands one controller to all of the row's calls (warm-up
     included), as the server keeps one across requests."""
-    shared = sybil.AdaptiveK() if k == "auto-shared" else None
+    shared = sybil.BatchK() if k == "auto-shared" else None
 
     def once(prompts=prompts, n=n):
         outs = []

@@ -1,6 +1,7 @@
 """Sybil: a from-scratch GPT-2 inference engine with lossless speculative decoding."""
 
 from sybil.adaptive import AdaptiveK
+from sybil.batch_k import BatchK
 from sybil.config import GPTConfig
 from sybil.engine import Generation, generate
 from sybil.errors import SybilError
@@ -8,4 +9,4 @@ from sybil.kv_cache import KVCache
 from sybil.loader import load_model
 from sybil.model import GPT
 
-__all__ = ["AdaptiveK", "GPT", "GPTConfig", "Generation", "KVCache", "SybilError", "generate", "load_model"]
+__all__ = ["AdaptiveK", "BatchK", "GPT", "GPTConfig", "Generation", "KVCache", "SybilError", "generate", "load_model"]
