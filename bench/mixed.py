@@ -162,3 +162,45 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         pass
     raise SybilError(f"cannot read the resident memory of process {pid}")
+
+
+def cache_workload(url: str, seed: int, context: int) -> dict:
+    """What the prompt cache and a lookup draft are for, on one server: a 400-token prompt
+    sent twice (time to first token of each); 20 lm-evaluation-harness loglikelihood
+    requests (one context, an answer each, echo with logprobs, max_tokens 0) from 4
+    clients (total time); and one greedy request sent twice (decode tokens/s of each,
+    where a suffix draft can reuse the first answer)."""
+    rng = random.Random(seed)
+    words = lambda n: [rng.randrange(VOCAB - 1) for _ in range(n)]  # noqa: E731
+    long = words(min(400, context - 20))
+    out = {}
+    with httpx.Client(timeout=600) as c:
+        first, again = (send(c, url, Request(long, 4, True)) for _ in range(2))
+        out["repeat_ttft_ms"] = [1000 * first["ttft_s"], 1000 * again["ttft_s"]]
+        shared = words(min(300, context - 40))
+        scoring = [{"prompt": shared + words(rng.randint(2, 8)), "max_tokens": 0, "echo": True, "logprobs": 1,
+                    "temperature": 0} for _ in range(20)]
+        answers: list = [None] * len(scoring)
+
+        def score(i: int) -> None:
+            with httpx.Client(timeout=600) as cc:
+                for j in range(i, len(scoring), 4):
+                    answers[j] = cc.post(url + "/v1/completions", json=scoring[j]).json()
+
+        t0 = time.perf_counter()
+        threads = [__import__("threading").Thread(target=score, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out["lmeval_20_s"] = time.perf_counter() - t0
+        out["lmeval_logprobs"] = [a["choices"][0]["logprobs"]["token_logprobs"] for a in answers]
+        prompt = words(40)
+        speeds = []
+        for _ in range(2):
+            r = send(c, url, Request(prompt, 96, True))
+            decode_s = sum(r["gaps_s"])
+            speeds.append((len(r["ids"]) - 1) / decode_s if decode_s else None)
+            out.setdefault("repeat_ids", []).append(r["ids"])
+        out["repeat_decode_tokens_per_s"] = speeds
+    return out

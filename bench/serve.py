@@ -134,11 +134,11 @@ def _drain(stream) -> None:
         pass
 
 
-def start_worker(args, with_draft: bool, chunk: str = "auto") -> tuple[subprocess.Popen, str]:
+def start_worker(args, with_draft: bool, chunk: str = "auto", cache: bool = True) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "bench.serve", "--worker", "--target", args.target, "--weights", args.weights,
            "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens),
            "--prompts", str(args.prompts), "--k", str(args.k), "--draft-quantize", args.draft_quantize,
-           "--prefill-chunk", str(chunk)]
+           "--prefill-chunk", str(chunk)] + ([] if cache else ["--no-prompt-cache"])
     cmd += ["--draft", args.draft if with_draft else "none", "--simulate-acceptance", str(args.simulate_acceptance)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -187,8 +187,8 @@ def worker(args) -> int:
     chunk = None if args.prefill_chunk == "0" else args.prefill_chunk if args.prefill_chunk == "auto" else int(
         args.prefill_chunk)
     scheduler = Scheduler(target, draft, args.k if args.k == "auto" else int(args.k), args.max_batch, 4 * args.max_batch,
-                          prefill_chunk=chunk)
-    label += f", prefill chunk {args.prefill_chunk}"
+                          prefill_chunk=chunk, prompt_cache=not args.no_prompt_cache)
+    label += f", prefill chunk {args.prefill_chunk}" + (", no prompt cache" if args.no_prompt_cache else "")
     serve(scheduler, args.target, bind("127.0.0.1", 0), 1.0, f"{args.target} ({args.weights} weights{label})")
     return 0
 
@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8, help="how many of the benchmark prompts to cycle through")
-    p.add_argument("--workload", choices=["uniform", "mixed"], default="uniform",
-                   help="uniform (default): identical streaming requests; mixed: see bench.mixed")
+    p.add_argument("--workload", choices=["uniform", "mixed", "cache"], default="uniform",
+                   help="uniform (default): identical streaming requests; mixed: see bench.mixed; cache: the "
+                        "prompt cache and the draft on repeated requests (bench.mixed.cache_workload)")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="soak: the mixed workload at the last concurrency level for S seconds")
     p.add_argument("--seed", type=int, default=0, help="the mixed workload's seed (default 0)")
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="the peer's threads (default 2)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-prompt-cache", action="store_true", help=argparse.SUPPRESS)  # the worker's
     return p
 
 
@@ -385,6 +387,51 @@ def start_llama_server(args) -> tuple[subprocess.Popen, str, object]:
     raise SybilError("llama-server did not start")
 
 
+def run_cache(args: argparse.Namespace) -> int:
+    """--workload cache: the same requests against a server with the prompt cache, one
+    without, and (with --draft) one with the draft and the cache."""
+    setups = [("prompt cache", False, True), ("no prompt cache", False, False)]
+    if args.draft != "none":
+        setups.append((f"prompt cache, draft {args.draft}", True, True))
+    rows = []
+    for label, with_draft, cache in setups:
+        proc, url = start_worker(args, with_draft=with_draft, cache=cache)
+        try:
+            with httpx.Client(timeout=60) as c:
+                context = c.get(url + "/v1/models").json()["data"][0].get("max_model_len", 1024)
+                one_request(c, url, load_prompts(1)[0], 4)  # warm-up
+            print(f"[bench] {label}", file=sys.stderr, flush=True)
+            r = mixed.cache_workload(url, args.seed, context)
+            with httpx.Client(timeout=60) as c:
+                drafted, accepted = metric(c, url, "sybil_draft_tokens_total"), metric(c, url, "sybil_accepted_tokens_total")
+            r.update(setup=label, acceptance=accepted / drafted if drafted else None)
+            rows.append(r)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    same = all(r["lmeval_logprobs"] == rows[0]["lmeval_logprobs"] and r["repeat_ids"][0] == rows[0]["repeat_ids"][0]
+               for r in rows)
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+    lines = [f"server: {args.target} ({args.weights} weights), {args.dtype}; the same requests on each setup "
+             f"(answers {'identical' if same else 'DIFFERENT'} across setups)",
+             "| setup | 400-token prompt TTFT ms: first, repeat (ratio) | 20 lm-eval requests s | "
+             "greedy request decode tok/s: first, repeat (ratio) | acceptance |", "|---|---|---|---|---|"]
+    for r in rows:
+        (t1, t2), (d1, d2) = r["repeat_ttft_ms"], r["repeat_decode_tokens_per_s"]
+        lines.append(f"| {r['setup']} | {t1:.0f}, {t2:.0f} ({t2 / t1:.2f}x) | {r['lmeval_20_s']:.2f} | "
+                     f"{f(d1, '.1f')}, {f(d2, '.1f')} ({f(d2 / d1 if d1 and d2 else None, '.2f')}x) | "
+                     f"{f(r['acceptance'], '.2f')} |")
+    if len(rows) > 1:
+        lines.append(f"lm-eval requests with the cache: {rows[0]['lmeval_20_s'] / rows[1]['lmeval_20_s']:.2f}x "
+                     "the time without")
+    print("\n".join(lines))
+    record = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")}, "rows": rows,
+              "identical_answers": same}
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2, default=str))
+    return 0 if same else 1
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         return worker(args)
@@ -398,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
         raise SybilError("--simulate-acceptance must be between 0 and 1")
     if args.duration is not None and args.duration <= 0:
         raise SybilError("--duration must be a positive number of seconds")
+    if args.workload == "cache":
+        return run_cache(args)
     mixed_load = args.workload == "mixed" or args.duration is not None
     simulated = args.weights == "random" and args.draft not in ("ngram", "suffix")
     prompts = load_prompts(args.prompts)

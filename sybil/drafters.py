@@ -80,10 +80,17 @@ class ModelDrafter:
         self.cost_prior = 1.0  # a target step, until make_drafter sets the weight ratio
         self.vocab = vocab
         self.catchup_s = 0.0  # seconds of the last proposal's catch-up forwards (0 if none ran)
+        self.catchup_tokens = 0  # and the tokens they fed
         self.chunk: int | None = None  # catch up at most this many tokens per proposal (Decoder sets it)
         self.cache = KVCache.for_model(model.config, batch, max_len, dtype=model.dtype, device=model.device)
         # the captured steps compute the whole head; a reduced head runs eagerly
         self.graphs = StepGraphs(model, self.cache) if graphs and vocab is None else None
+        # One throwaway step now: the first forward of a model pays for touching its
+        # weights (page faults, first-use allocations), up to 20x a step, and a k="auto"
+        # controller would otherwise take that for the draft's cost.
+        if self.graphs is None:
+            forward_rows(self.model, self.cache, [[0]] + [[] for _ in range(batch - 1)], vocab=vocab)
+            self.cache.truncate(0)
 
     @torch.inference_mode()
     def propose(
@@ -102,6 +109,7 @@ class ModelDrafter:
         # so that k="auto" can tell it from a draft step.
         t = time.perf_counter()
         behind = [b for b, (s, k) in enumerate(zip(seqs, ks)) if k and len(s) - int(self.cache.lengths[b]) > 2]
+        before = int(self.cache.lengths.sum())
         if self.chunk and behind:  # chunked, as the target's prompts: chunk tokens in all this round
             budget, feed = self.chunk, [[] for _ in seqs]
             for b in behind:
@@ -114,6 +122,7 @@ class ModelDrafter:
             for b in behind:
                 prefill_row(self.model, self.cache, b, seqs[b][int(self.cache.lengths[b]) : -1])
         self.catchup_s = time.perf_counter() - t if behind else 0.0
+        self.catchup_tokens = int(self.cache.lengths.sum()) - before
         rows = [s[int(n) :] if k else [] for s, k, n in zip(seqs, ks, self.cache.lengths)]
         out = [Proposal([]) for _ in params]
         confidence = [1.0] * len(seqs)
@@ -148,6 +157,11 @@ class ModelDrafter:
 
     def rewind(self, n_valid: list[int]) -> None:
         self.cache.truncate(torch.minimum(torch.tensor(n_valid), self.cache.lengths))
+
+    def lag(self, seqs: list[list[int]]) -> list[int]:
+        """Tokens each row's cache lacks of its committed sequence: what drafting it next
+        must first feed (a verification adds one or two; plain steps add more)."""
+        return [max(len(s) - int(n), 0) for s, n in zip(seqs, self.cache.lengths)]
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Row dst starts with the first n tokens of row src's sequence: copy the entries
@@ -223,6 +237,10 @@ class Cascade:
     @property
     def catchup_s(self) -> float:
         return sum(getattr(d, "catchup_s", 0.0) for d in self.drafters)
+
+    @property
+    def catchup_tokens(self) -> int:
+        return sum(getattr(d, "catchup_tokens", 0) for d in self.drafters)
 
     @property
     def models(self) -> list[ModelDrafter]:

@@ -112,6 +112,7 @@ class Decoder:
         self.reuse = self.cache.k.device.type == "cpu" and native.available() and \
             model.dtype in (torch.float32, torch.bfloat16)
         self.cached = 0  # prompt tokens the last add took from its slot's earlier sequence
+        self.prompt_cache = True  # False: every prompt is prefilled from scratch (to measure the cache)
         # Chunked prefill: a new prompt's tokens wait here and are fed, prefill_chunk per
         # round in all, inside the rounds that decode the other rows, so no running row
         # waits for more than one chunk. Only where entries do not depend on the split.
@@ -128,7 +129,7 @@ class Decoder:
         sequence has valid (its committed tokens but the last, or the part of its prompt
         fed so far). top=N (the prompt is to be scored): only as far as the slot's own
         prompt was scored with N alternatives, whose log-probabilities are reused too."""
-        if not self.reuse:
+        if not (self.reuse and self.prompt_cache):
             return 0
         old, n = self.seqs[slot], min(int(self.cache.lengths[slot]), len(prompt) - 1)
         if top is not None:
@@ -602,7 +603,10 @@ class Batch:
         ks: dict[int, int]
         if isinstance(self.controller, BatchK):
             live = {b: room for b, room in rooms.items() if decoding[b]}
-            ks = self.controller.choose(live, sum(len(c) for c in self.dec.pending))
+            models = _models(self.drafter)
+            lag = [max(col) for col in zip(*(d.lag(self.dec.seqs) for d in models))] if models else None
+            ks = self.controller.choose(live, sum(len(c) for c in self.dec.pending),
+                                        {b: lag[b] for b in live} if lag else None)
         elif self.controller is not None:
             k = self.controller.choose(max(rooms.values()))
             ks = {b: min(k, room) for b, room in rooms.items()}
@@ -626,7 +630,8 @@ class Batch:
         if isinstance(self.controller, BatchK):
             tokens = sum(1 + len(r.drafts) for r in done.values()) + dec.prefilled
             self.controller.update({b: (len(r.drafts), r.n_accepted) for b, r in done.items()}, tokens,
-                                   dec.verify_s, steps, dec.draft_s - catchup)
+                                   dec.verify_s, steps, dec.draft_s - catchup,
+                                   getattr(self.drafter, "catchup_tokens", 0) if steps else 0, catchup)
         elif not dec.prefilled:  # a prompt chunk's time is not a verify's
             self.controller.update(
                 sum(len(r.drafts) for r in done.values()), sum(r.n_accepted for r in done.values()),

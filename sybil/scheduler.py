@@ -79,6 +79,7 @@ class Scheduler:
         max_queue: int = 64,
         draft_vocab: int | None = None,
         prefill_chunk: int | str | None = "auto",
+        prompt_cache: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SybilError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -90,6 +91,7 @@ class Scheduler:
         # chunked prefill (sybil.prefill): a joining prompt is fed inside the running rows'
         # rounds, so they never wait for a whole prompt; None prefills it at once
         self.batch = Batch(model, max_batch, max_len, drafter, k, graphs, prefill_chunk)
+        self.batch.dec.prompt_cache = prompt_cache  # off: every prompt prefilled from scratch
         self.jobs: list[Job | None] = [None] * max_batch  # the job in each slot
         self.queue: deque[Job] = deque()
         self.cond = threading.Condition()

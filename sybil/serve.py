@@ -47,6 +47,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; then 429 (default 64)")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="prefill every prompt from scratch (slots lend no shared prefix; to measure the cache)")
     p.add_argument("--prefill-chunk", type=_chunk, default="auto", metavar="N",
                    help="prompt tokens fed per round beside the decoding rows: N, 'auto' (default: a round with "
                         "a chunk costs about two without) or 0 (prefill each prompt whole as it joins)")
@@ -119,7 +121,7 @@ def run(args) -> int:
     model = load_model(args.model, dtype, device, quantize=args.quantize)
     draft = load_draft(args.draft, model, args.model, args.quantize, args.draft_quantize)
     scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab,
-                          args.prefill_chunk or None)
+                          args.prefill_chunk or None, not args.no_prompt_cache)
     served = args.served_model_name or args.model
     what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
     what += f", {model.quantized} weights" if model.quantized else ""

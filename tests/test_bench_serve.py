@@ -92,3 +92,16 @@ def test_a_mixed_run_finds_nothing_wrong_and_every_checked_answer_equals_its_sol
         assert row["solo_checked"] > 0 and row["solo_mismatches"] == 0, row["mismatch_examples"]
         assert row["running_after"] == row["queued_after"] == 0
     assert "SIMULATED" not in rows[2]["draft"] and rows[2]["acceptance"] is not None  # suffix acceptance is real
+
+
+def test_the_cache_workload_gives_the_same_answers_with_and_without_the_cache_and_a_suffix_draft(tiny, tmp_path):
+    target, _ = tiny
+    out = tmp_path / "cache.json"
+    r = _bench("--target", str(target), "--draft", "suffix", "--workload", "cache", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["identical_answers"]
+    cached, uncached, suffix = rec["rows"]
+    assert uncached["setup"] == "no prompt cache" and suffix["acceptance"] > 0.5  # the repeat is drafted from the first
+    assert suffix["repeat_ids"][0] == suffix["repeat_ids"][1]
+    assert "lm-eval requests with the cache" in r.stdout
