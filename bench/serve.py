@@ -371,7 +371,7 @@ def start_llama_server(args) -> tuple[subprocess.Popen, str, object]:
     ctx = args.max_batch * target.config.n_positions
     proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
                              str(args.max_batch), "-c", str(ctx), "-t", str(args.threads), "-cb"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(peer.dir / "llama-server.log", "w"))
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -383,8 +383,9 @@ def start_llama_server(args) -> tuple[subprocess.Popen, str, object]:
             break
         time.sleep(0.5)
     proc.terminate()
+    log = (peer.dir / "llama-server.log").read_text().strip().splitlines()[-1:]
     peer.close()
-    raise SybilError("llama-server did not start")
+    raise SybilError(f"llama-server did not start: {log}")
 
 
 def run_cache(args: argparse.Namespace) -> int:
@@ -494,6 +495,8 @@ def run(args: argparse.Namespace) -> int:
                 proc.terminate()
                 proc.wait(60)
             if peer is not None:
+                if "SYBIL_KEEP_PEER_LOG" in __import__("os").environ:
+                    print((peer.dir / "llama-server.log").read_text()[-3000:], file=sys.stderr)
                 peer.close()
     print(render(rows, config))
     record = {"config": config, "rows": rows,
