@@ -88,14 +88,20 @@ def run_level(url: str, prompts: list[list[int]], concurrency: int, requests_per
               max_tokens: int) -> dict:
     results: list[dict] = []
     errors: list[str] = []
+    retried = [0]  # requests sent again after the server closed their connection unanswered
     with httpx.Client(timeout=600) as c:
         drafted0, accepted0 = metric(c, url, "sybil_draft_tokens_total"), metric(c, url, "sybil_accepted_tokens_total")
 
     def client(i: int) -> None:
         with httpx.Client(timeout=600) as c:
             for j in range(requests_per_client):
+                prompt = prompts[(i + j * concurrency) % len(prompts)]
                 try:
-                    results.append(one_request(c, url, prompts[(i + j * concurrency) % len(prompts)], max_tokens))
+                    try:
+                        results.append(one_request(c, url, prompt, max_tokens))
+                    except httpx.RemoteProtocolError:  # llama-server drops an idle kept-alive connection
+                        retried[0] += 1
+                        results.append(one_request(c, url, prompt, max_tokens))
                 except Exception as e:  # noqa: BLE001 - reported, not hidden
                     errors.append(str(e))
 
@@ -126,6 +132,7 @@ def run_level(url: str, prompts: list[list[int]], concurrency: int, requests_per
         "itl_ms_p50": ms(percentile(gaps, 50)),
         "itl_ms_p99": ms(percentile(gaps, 99)),
         "acceptance": accepted / drafted if drafted else None,
+        "retried": retried[0],
     }
 
 

@@ -25,6 +25,7 @@ from sybil.kv_cache import KVCache
 from sybil.logprobs import MAX_TOP, TokenLogprob, score
 from sybil.model import GPT
 from sybil.prefill import PrefillBudget
+from sybil.prompt_cache import PromptCache
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.suffix import SuffixDrafter
@@ -111,8 +112,8 @@ class Decoder:
         # kernel computes rows and queries independently whatever the split: the CPU kernels.
         self.reuse = self.cache.k.device.type == "cpu" and native.available() and \
             model.dtype in (torch.float32, torch.bfloat16)
+        self.prompts = PromptCache(slots, self.reuse)
         self.cached = 0  # prompt tokens the last add took from its slot's earlier sequence
-        self.prompt_cache = True  # False: every prompt is prefilled from scratch (to measure the cache)
         # Chunked prefill: a new prompt's tokens wait here and are fed, prefill_chunk per
         # round in all, inside the rounds that decode the other rows, so no running row
         # waits for more than one chunk. Only where entries do not depend on the split.
@@ -120,32 +121,10 @@ class Decoder:
         self.pending: list[list[int]] = [[] for _ in range(slots)]
         self.joined: list[int] = []  # slots with pending tokens
         self.waited = [0] * slots  # rounds each pending prompt has waited
-        # each slot's scored prompt: (its log-probabilities, the alternatives asked), or None
-        self.scored: list[tuple[list, int] | None] = [None] * slots
 
-    def reusable(self, slot: int, prompt: list[int], top: int | None = None) -> int:
-        """How many of prompt's cache entries (all but its last token's) the slot already
-        holds: the prefix it shares with the slot's sequence, up to the entries that
-        sequence has valid (its committed tokens but the last, or the part of its prompt
-        fed so far). top=N (the prompt is to be scored): only as far as the slot's own
-        prompt was scored with N alternatives, whose log-probabilities are reused too."""
-        if not (self.reuse and self.prompt_cache):
-            return 0
-        old, n = self.seqs[slot], min(int(self.cache.lengths[slot]), len(prompt) - 1)
-        if top is not None:
-            scored = self.scored[slot]
-            n = min(n, len(scored[0]) if scored is not None and scored[1] == top else 0)
-        keep = 0
-        while keep < n and old[keep] == prompt[keep]:
-            keep += 1
-        return keep
-
-    def source(self, slot: int, prompt: list[int], top: int | None = None) -> tuple[int, int]:
-        """The slot whose entries share most of prompt (any slot: a running one's committed
-        prefix is as valid as a finished one's), and how many: (source, tokens). The slot
-        itself on a tie, where nothing needs copying."""
-        return max(((b, self.reusable(b, prompt, top)) for b in range(len(self.seqs))),
-                   key=lambda bk: (bk[1], bk[0] == slot))
+    def reusable(self, slot: int, prompt: list[int]) -> int:
+        """How many of prompt's cache entries the slot already holds (sybil.prompt_cache)."""
+        return self.prompts.reusable(self.seqs[slot], int(self.cache.lengths[slot]), prompt, slot)
 
     def add(
         self, slot: int, prompt: list[int], params: SamplingParams, seed: int | None,
@@ -159,7 +138,7 @@ class Decoder:
         alternatives. prompt_logprobs=N: the prefill computes logits too and this
         returns the prompt tokens' (the first has none: nothing predicts it); a shared
         prefix scored with N alternatives before is not scored again."""
-        src, keep = self.source(slot, prompt, prompt_logprobs)
+        src, keep = self.prompts.source(self.seqs, self.cache.lengths.tolist(), slot, prompt, prompt_logprobs)
         self.cached = keep
         if src != slot and keep:
             self.cache.copy_prefix(src, slot, keep)
@@ -168,13 +147,13 @@ class Decoder:
                 d.copy_prefix(src, slot, keep)
             else:
                 d.rewind([keep if b == slot else int(n) for b, n in enumerate(d.cache.lengths)])
-        reused = self.scored[src][0][:keep] if prompt_logprobs is not None and keep else None
+        reused = self.prompts.scores(src, keep) if prompt_logprobs is not None and keep else None
         self.seqs[slot], self.params[slot], self.seeds[slot] = list(prompt), params, seed
         self.top[slot] = logprobs
         self.counts[slot] = torch.zeros(self.model.config.vocab_size) if params.penalised else None
         self.cache.set_lengths(slot, [keep])
         scored = None
-        self.pending[slot], self.scored[slot] = [], None
+        self.pending[slot] = []
         if slot in self.joined:
             self.joined.remove(slot)
         if prompt_logprobs is None and self.chunk:
@@ -186,7 +165,7 @@ class Decoder:
             prefill_row(self.model, self.cache, slot, prompt[keep:-1])
         else:
             scored = self._score(slot, prompt, keep, reused, prompt_logprobs)
-            self.scored[slot] = (scored, prompt_logprobs)
+        self.prompts.remember(slot, scored, prompt_logprobs)
         return scored
 
     def _score(self, slot: int, prompt: list[int], keep: int, reused: list | None, top: int
