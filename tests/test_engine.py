@@ -365,10 +365,7 @@ def test_rows_joining_a_running_batch_equal_their_solo_runs(spec, draft_name, ch
 def test_a_chunked_prompt_never_stalls_the_running_rows_and_writes_a_fresh_prefills_entries(spec, with_draft):
     from sybil.engine import Generation
 
-    path, _, drafts, prompts, plain = spec
-    target = sybil.load_model(path)
-    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2) if with_draft else None
-    batch = Batch(target, 2, 128, drafter, k=2, prefill_chunk=4)
+    target, batch, prompts = _two_slots(spec, with_draft, k=2, prefill_chunk=4)
     running = Generation(prompt_ids=prompts[0])
     batch.add(0, running, 60, SamplingParams(), None, stop_at_eos=False)
     assert batch.dec.prefilling(0)
@@ -481,12 +478,17 @@ def _finish(batch, slot, prompt, n):
     return out
 
 
-@pytest.mark.parametrize("with_draft", [False, True])
-def test_a_slot_reuses_the_prefix_it_shares_and_nothing_more(spec, with_draft):
+def _two_slots(spec, with_draft, **batch_kw):
+    """A fresh target and a two-slot Batch over it, with the noisy draft or none."""
     path, _, drafts, prompts, _ = spec
     target = sybil.load_model(path)
     drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2) if with_draft else None
-    batch = Batch(target, 2, 128, drafter, k=3)
+    return target, Batch(target, 2, 128, drafter, **{"k": 3, **batch_kw}), prompts
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_a_slot_reuses_the_prefix_it_shares_and_nothing_more(spec, with_draft):
+    target, batch, prompts = _two_slots(spec, with_draft)
     a = prompts[0] + prompts[1]
     first = _finish(batch, 0, a, 8)
     assert first.stats["cached_prompt_tokens"] == 0
@@ -518,10 +520,7 @@ def test_a_request_goes_to_the_free_slot_holding_most_of_its_prompt(spec):
 
 @pytest.mark.parametrize("with_draft", [False, True])
 def test_a_prefix_held_by_another_busy_slot_is_copied_not_recomputed(spec, with_draft):
-    path, _, drafts, prompts, _ = spec
-    target = sybil.load_model(path)
-    drafter = ModelDrafter(drafts["noisy"], SamplingParams(), 128, batch=2) if with_draft else None
-    batch = Batch(target, 2, 128, drafter, k=3)
+    target, batch, prompts = _two_slots(spec, with_draft)
     context = prompts[0] + prompts[1]
     from sybil.engine import Generation
 
