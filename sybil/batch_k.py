@@ -39,14 +39,35 @@ from sybil.adaptive import expected_tokens
 
 class _Line:
     """y = a + b * x by least squares over decayed observations; `prior_slope` (a
-    fraction of the intercept) until x has been seen at two values."""
+    fraction of the intercept) until x has been seen at two values.
+
+    Timing noise is one-sided and bursty: the first forward of a new width (buffers,
+    kernel set-up) or a moment another process holds the core can cost several times
+    the rest. Least squares through two clusters of widths keeps such a point's slope
+    however much it decays (a 2-token verify's warm-up at 7x pinned a tiny model's slope
+    at 4x its step for good, and no row drafted again). So an observation over SPIKE
+    times the prediction is held back until the next one: if that one is high too, the
+    cost has changed and both count; if not, it was a spike and is dropped.
+    """
+
+    SPIKE = 1.5
 
     def __init__(self, decay: float, prior_slope: float) -> None:
         self.decay, self.prior_slope = decay, prior_slope
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.widest = 0.0
+        self.held: tuple[float, float] | None = None  # a spike, until the next observation
 
     def add(self, x: float, y: float) -> None:
+        if self.known and y > self.SPIKE * self(x):
+            if self.held is None:
+                self.held = (x, y)
+                return
+            self._add(*self.held)  # two high in a row: the cost changed
+        self.held = None
+        self._add(x, y)
+
+    def _add(self, x: float, y: float) -> None:
         d = self.decay
         self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
         self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y

@@ -93,3 +93,28 @@ def test_a_new_row_starts_from_the_pooled_acceptance():
     c.start(5)
     assert c.alpha(5) > 0.9
     assert expected_tokens(c.alpha(5), 4) > 4
+
+
+def test_one_slow_forward_at_a_new_width_does_not_rule_drafting_out_for_good():
+    """A 2-token verify's first run (buffers, kernel set-up) cost 7x the steady one on a
+    tiny model: least squares through two widths kept that slope forever and no row
+    drafted again. A lone spike is dropped; a cost that truly rose is followed."""
+    c = BatchK(k_max=8)
+    for _ in range(10):
+        c.update({0: (0, 0)}, 1, 0.010, 0, 0.0)
+    c.update({0: (1, 1)}, 2, 0.070, 1, 0.0001)  # the spike
+    for _ in range(3):
+        c.update({0: (1, 1)}, 2, 0.0105, 1, 0.0001)
+    _set_alpha(c, 0, 0.9)
+    assert c.choose({0: 20})[0] >= 3
+    assert c.verify(9) < 0.020
+    risen = BatchK(k_max=8)  # a machine that truly got 3x slower is followed
+    for _ in range(5):
+        risen.update({}, 1, 0.010, 0, 0.0)
+    risen.update({}, 1, 0.030, 0, 0.0)
+    assert risen.verify(1) == pytest.approx(0.010)  # one slow round: held back
+    risen.update({}, 1, 0.030, 0, 0.0)
+    assert risen.verify(1) > 0.015  # the second confirms it: both count
+    for _ in range(20):
+        risen.update({}, 1, 0.030, 0, 0.0)
+    assert risen.verify(1) == pytest.approx(0.030, rel=0.1)
