@@ -9,6 +9,11 @@ They need AVX2 and FMA, read from the CPU's flags, never assumed. Where those,
 or a compiler, are missing, `available()` is False with the reason, and
 sybil.matmul falls back to torch's own ops (still exact, slower).
 
+The integer linears' dot products (csrc/int_linear.h) use VNNI's vpdpbusd where the
+flags show it (AVX-VNNI, else AVX512-VNNI with AVX512VL), else AVX2; every form gives
+the same integers, so the same bits. SYBIL_INT_DOT=avx2|avxvnni|avx512vnni forces one
+(for comparisons), and only one the CPU has.
+
 Their parallel regions run on Sybil's own thread pool (csrc/pool.h says why), of
 `threads()` threads: SYBIL_THREADS, else torch's count (which follows
 OMP_NUM_THREADS and the CPUs this process may use). Once they load, torch's own
@@ -34,6 +39,42 @@ import torch
 
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 SOURCES = ("kernels.cpp", "pool.h", "simd.h", "int_linear.h")  # what the build reads: all of it keys the cached library
+
+
+INT_DOTS = {"avx2": ((), 0), "avxvnni": (("avx_vnni",), 1), "avx512vnni": (("avx512_vnni", "avx512vl"), 2)}
+
+
+def int_dot_choices() -> list[str]:
+    """The integer dot products this CPU can run, best last (from its flags)."""
+    flags = cpu_flags()
+    return [name for name, (need, _) in INT_DOTS.items() if all(f in flags for f in need)]
+
+
+def int_dot() -> str:
+    """The integer dot products to use: SYBIL_INT_DOT if set (and supported), else the
+    best the flags show; AVX-VNNI (VEX) before AVX512-VNNI: the same instruction on
+    ymm registers, without the EVEX encoding's longer form."""
+    choices = int_dot_choices()
+    env = os.environ.get("SYBIL_INT_DOT")
+    if env is not None:
+        if env not in INT_DOTS or env not in choices:
+            from sybil.errors import SybilError
+
+            raise SybilError(f"SYBIL_INT_DOT={env!r}: this CPU can run {', '.join(choices)}")
+        return env
+    return "avxvnni" if "avxvnni" in choices else choices[-1]
+
+
+def set_int_dot(name: str) -> str:
+    """Switch the loaded kernels' integer dot products (tests and benchmarks compare them)."""
+    if name not in int_dot_choices():
+        from sybil.errors import SybilError
+
+        raise SybilError(f"integer dot {name!r}: this CPU can run {', '.join(int_dot_choices())}")
+    if available():
+        torch.ops.sybil.set_int_dot(INT_DOTS[name][1])
+    os.environ["SYBIL_INT_DOT"] = name
+    return name
 
 
 def threads() -> int:
@@ -145,6 +186,7 @@ def _load() -> Status:
         build_s = time.perf_counter() - t
         print(f"sybil: kernels built in {build_s:.0f} s ({lib})", file=sys.stderr)
     torch.ops.load_library(str(lib))
+    torch.ops.sybil.set_int_dot(INT_DOTS[int_dot()][1])
     n = threads()
     torch.ops.sybil.set_threads(n)
     if os.environ.get("SYBIL_POOL") != "openmp":

@@ -179,3 +179,35 @@ def test_fused_blocks_equal_block_by_block(monkeypatch, dtype, quantize):
     for got, want in zip(*runs):
         assert torch.equal(got, want)
     assert not torch.equal(runs[0][0][0, 0], runs[0][0][0, 1])  # a forward that computed something
+
+
+@pytest.fixture
+def int_dot():
+    """Switch the integer dot products for a test, and back."""
+    if not native.available():
+        pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    before = native.int_dot()
+    yield native.set_int_dot
+    native.set_int_dot(before)
+
+
+@pytest.mark.parametrize("dot", ["avxvnni", "avx512vnni"])
+def test_every_integer_dot_product_gives_the_avx2_bits(int_dot, dot):
+    """vpdpbusd sums the same four columns per lane as vpmaddubsw + vpmaddwd: the same
+    integers, so the same floats, in a step and in a verify (where the CPU has it)."""
+    if dot not in native.int_dot_choices():
+        pytest.skip(f"this CPU has no {dot} (flags: it can run {', '.join(native.int_dot_choices())})")
+    for n, k, m in [(64, 128, 1), (67, 96, 5), (256, 1024, 9), (256, 1024, 50)]:
+        w, b, x = _data(n, k, m, seed=n + k + m)
+        q, scale = quant.quantize_int8(w)
+        q8 = quant.pack_q8(q)
+        q4 = quant.quantize_q4(w) if n % 8 == 0 else None
+        runs = {}
+        for name in ("avx2", dot):
+            int_dot(name)
+            runs[name] = (matmul.linear_q8(x, q8, scale, b), None if q4 is None else matmul.linear_q4(x, q4, b))
+        assert torch.equal(runs["avx2"][0], runs[dot][0]), (n, k, m)
+        if q4 is not None:
+            assert torch.equal(runs["avx2"][1], runs[dot][1]), (n, k, m)
+        want = _integer_reference(x, q.view(n, -1, 32), scale[:, None], b)
+        assert (runs[dot][0].double() - want).abs().max().item() < 1e-5 * (1 + want.abs().max().item())

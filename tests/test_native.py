@@ -110,3 +110,19 @@ def test_sybil_threads_sizes_the_pool_and_a_bad_value_is_one_line(hf_checkpoint)
     bad = subprocess.run([sys.executable, "-m", "sybil.generate", "--model", str(hf_checkpoint("small")),
                           "--prompt", "hi"], capture_output=True, text=True, env={**os.environ, "SYBIL_THREADS": "x"})
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: SYBIL_THREADS")
+
+
+def test_the_integer_dot_follows_the_flags_and_a_bad_choice_is_one_line(hf_checkpoint, monkeypatch):
+    flags = native.cpu_flags()
+    choices = native.int_dot_choices()
+    assert choices[0] == "avx2"
+    assert ("avxvnni" in choices) == ("avx_vnni" in flags)
+    assert ("avx512vnni" in choices) == ({"avx512_vnni", "avx512vl"} <= flags)
+    monkeypatch.delenv("SYBIL_INT_DOT", raising=False)
+    assert native.int_dot() == ("avxvnni" if "avx_vnni" in flags else choices[-1])
+    missing = next((d for d in native.INT_DOTS if d not in choices), "nonsense")
+    bad = subprocess.run([sys.executable, "-m", "sybil.generate", "--model", str(hf_checkpoint("small")),
+                          "--prompt", "hi", "--quantize", "int8"], capture_output=True, text=True,
+                         env={**os.environ, "SYBIL_INT_DOT": missing})
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("error: SYBIL_INT_DOT") and "avx2" in last, bad.stderr

@@ -1,6 +1,6 @@
 // Integer linears: int8 activations against int8 (W8A8) or 4-bit weights, with
-// integer dot products (AVX2 vpmaddubsw / vpmaddwd), as llama.cpp's Q8_0 and
-// Q4_0 do on a CPU.
+// integer dot products (AVX2 vpmaddubsw / vpmaddwd, or VNNI's vpdpbusd where the
+// CPU has it), as llama.cpp's Q8_0 and Q4_0 do on a CPU.
 //
 // Why: converting every int8 weight to float32 and multiplying in float32 (the
 // weight-only path of kernels.cpp) is compute-bound on 2 AVX2 cores: a step of
@@ -17,6 +17,14 @@
 // hsum of kernels.cpp), and a row is quantized on its own. So a row's result is
 // the same whatever the row count, blocking or thread split: a decode step and a
 // verify give the same bits, as on every other path.
+//
+// VNNI: vpdpbusd adds the four u8 x s8 products of each int32 lane in one
+// instruction, where AVX2 needs vpmaddubsw (pairs, int16) then vpmaddwd (pairs of
+// pairs). Both give each lane the exact sum of the same four columns, so the VNNI
+// path gives the same bits as the AVX2 path (tests/test_quant.py checks it). It is
+// written as inline assembly: no function needs a target attribute, and the
+// library builds with -mavx2 on any machine; sybil.native picks the path from the
+// CPU's flags and sets it here (set_int_dot), never assuming it.
 //
 // Layouts (made by sybil/quant.py), for each block of 8 output rows, per group of
 // 32 columns, one sequential stream:
@@ -81,22 +89,38 @@ struct QRows {
   }
 };
 
+// How a block's products are summed: which instructions, same integers.
+enum class Dot { Avx2 = 0, AvxVnni = 1, Avx512Vnni = 2 };
+
+// acc + in each int32 lane the sum of its four u8 (u) x s8 (s) byte products. The
+// AVX2 form is exact where no pair of products passes int16 (every use here).
+template <Dot D>
+inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+  if constexpr (D == Dot::AvxVnni) {
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));  // AVX-VNNI (VEX)
+  } else if constexpr (D == Dot::Avx512Vnni) {
+    asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));  // AVX512-VNNI + VL (EVEX)
+  } else {
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+  return acc;
+}
+
 // The exact int32 dot product of one block, as 8 lanes: sum over the 32 columns
-// of x * w (|x| times w with x's sign: vpmaddubsw takes one unsigned operand;
-// |x|, |w| <= 127, so its pairwise int16 sums cannot saturate).
-inline __m256i block_dot(const int8_t* xq, const int8_t* xa, __m256i w, __m256i ones) {
+// of x * w (|x| times w with x's sign: both forms take one unsigned operand;
+// |x|, |w| <= 127, so vpmaddubsw's pairwise int16 sums cannot saturate).
+template <Dot D>
+inline __m256i block_dot(const int8_t* xq, const int8_t* xa, __m256i w) {
   const __m256i sw = _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa)), sw);
-  return _mm256_madd_epi16(p16, ones);
+  return dot4<D>(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa)), sw);
 }
 
 // MB rows against NB rows of one 8-row q8 weight block over groups g0..g1, adding
 // into 8-lane float sums acc[m][n] (rows 8 * 8 floats apart, as in kernels.cpp);
 // the weights' per-row scale is applied after the hsum.
-template <int MB, int NB>
+template <Dot D, int MB, int NB>
 inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0, int64_t g1, int n0, float* acc) {
   const int64_t K = x.K, G = K / QK;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 a[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) a[m][n] = _mm256_loadu_ps(acc + (m * 8 + n) * 8);
@@ -112,7 +136,7 @@ inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0
       if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 2048, _MM_HINT_T0);
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
       for (int m = 0; m < MB; ++m) {
-        const __m256 d = _mm256_cvtepi32_ps(block_dot(xq + m * K, xa + m * K, w, ones));
+        const __m256 d = _mm256_cvtepi32_ps(block_dot<D>(xq + m * K, xa + m * K, w));
         a[m][n] = _mm256_fmadd_ps(d, xs[m], a[m][n]);
       }
     }
@@ -129,7 +153,8 @@ inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0
 // sign trick, and two products of a byte pair stay far inside int16, so two
 // maddubs add before one widening madd), and 8 * sum(x) is subtracted per block:
 // sum x * (u - 8), exact in int32. Then times (row's d) * (x's block scale).
-template <int MB, int NP>
+// (VNNI: each vpdpbusd does a maddubs and its widening madd at once.)
+template <Dot D, int MB, int NP>
 inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g0, int64_t g1, int p0, float* acc) {
   const int64_t K = x.K, G = K / QK;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
@@ -148,8 +173,12 @@ inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g
       const int8_t* xq = x.q.data() + (m0 + m) * K + g * QK;
       xlo[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
       xhi[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
-      corr[m] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(eight, xlo[m]),
-                                                   _mm256_maddubs_epi16(eight, xhi[m])), ones);
+      if constexpr (D == Dot::Avx2)
+        corr[m] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(eight, xlo[m]),
+                                                     _mm256_maddubs_epi16(eight, xhi[m])), ones);
+      else
+        corr[m] = _mm256_sub_epi32(_mm256_setzero_si256(),  // negated: the accumulator each dot starts from
+                                   dot4<D>(dot4<D>(_mm256_setzero_si256(), eight, xlo[m]), eight, xhi[m]));
       sc[m] = _mm256_mul_ps(ws8, _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]));  // row n's d * x's scale, lane n
     }
     for (int p = 0; p < NP; ++p) {
@@ -158,8 +187,13 @@ inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g
       const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       const __m256i pick = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
       for (int m = 0; m < MB; ++m) {
-        const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
-        const __m256i d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), corr[m]);
+        __m256i d;
+        if constexpr (D == Dot::Avx2) {
+          const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
+          d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), corr[m]);
+        } else {
+          d = dot4<D>(dot4<D>(corr[m], lo, xlo[m]), hi, xhi[m]);
+        }
         a[m][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(sc[m], pick), a[m][p]);
       }
     }
@@ -168,28 +202,28 @@ inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g
     for (int p = 0; p < NP; ++p) _mm256_storeu_ps(acc + (m * 8 + p) * 8, a[m][p]);
 }
 
-template <bool Q4, int MB>
+template <bool Q4, Dot D, int MB>
 inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t nb, int64_t g0, int64_t g1, float* acc) {
   if constexpr (Q4) {  // a q4 block always has 8 rows (sybil.quant requires N % 8 == 0)
     if constexpr (MB == 1) {
-      q4_dots<1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
+      q4_dots<D, 1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
     } else {
-      q4_dots<MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
-      q4_dots<MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 2, acc + 2 * 8);
+      q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
+      q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 2, acc + 2 * 8);
     }
     return;
   }
   constexpr int NB = MB == 1 ? 8 : 4;
   const int8_t* w = static_cast<const int8_t*>(wb);
   int n = 0;
-  for (; n + NB <= nb; n += NB) q8_dots<MB, NB>(x, m0, w, g0, g1, n, acc + n * 8);
-  for (; n < nb; ++n) q8_dots<MB, 1>(x, m0, w, g0, g1, n, acc + n * 8);
+  for (; n + NB <= nb; n += NB) q8_dots<D, MB, NB>(x, m0, w, g0, g1, n, acc + n * 8);
+  for (; n < nb; ++n) q8_dots<D, MB, 1>(x, m0, w, g0, g1, n, acc + n * 8);
 }
 
 // y [M, N] = x [M, K] against an integer weight (layouts above), times scale[n]
 // (q8) and plus bias[n]; float32 out.
-template <bool Q4>
-void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, const float* scale,
+template <bool Q4, Dot D>
+void int_linear_with(const float* x, int64_t M, int64_t K, const void* w, int64_t N, const float* scale,
                 const float* bias, float* y) {
   const QRows xq(x, M, K);
   const int64_t G = K / QK, blocks = (N + 7) / 8;
@@ -214,10 +248,10 @@ void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, 
             const int64_t mb = (mc - mm) / (passes - p);
             float* ap = acc.data() + mm * 64;
             switch (mb) {
-              case 1: int_pass<Q4, 1>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
-              case 2: int_pass<Q4, 2>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
-              case 3: int_pass<Q4, 3>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
-              default: int_pass<Q4, 4>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              case 1: int_pass<Q4, D, 1>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              case 2: int_pass<Q4, D, 2>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              case 3: int_pass<Q4, D, 3>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              default: int_pass<Q4, D, 4>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
             }
             mm += mb;
           }
@@ -238,6 +272,22 @@ void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, 
       }
     }
   });
+}
+
+// The dot products in use: sybil.native sets them from the CPU's flags at load.
+inline Dot& int_dot() {
+  static Dot d = Dot::Avx2;
+  return d;
+}
+
+template <bool Q4>
+void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, const float* scale,
+                const float* bias, float* y) {
+  switch (int_dot()) {
+    case Dot::AvxVnni: return int_linear_with<Q4, Dot::AvxVnni>(x, M, K, w, N, scale, bias, y);
+    case Dot::Avx512Vnni: return int_linear_with<Q4, Dot::Avx512Vnni>(x, M, K, w, N, scale, bias, y);
+    default: return int_linear_with<Q4, Dot::Avx2>(x, M, K, w, N, scale, bias, y);
+  }
 }
 
 }  // namespace sybil

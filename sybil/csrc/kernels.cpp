@@ -436,8 +436,17 @@ at::Tensor pool_stats() {
                                         st.wait_s}, at::kDouble);
 }
 
+// The integer linears' dot products (int_linear.h): 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI;
+// sybil.native chooses from the CPU's flags. Returns the one in use.
+int64_t set_int_dot(int64_t d) {
+  TORCH_CHECK(0 <= d && d <= 2, "sybil::set_int_dot: 0, 1 or 2, got ", d);
+  sybil::int_dot() = static_cast<sybil::Dot>(d);
+  return d;
+}
+
 TORCH_LIBRARY(sybil, m) {
   m.def("set_threads(int n) -> int", &set_threads);
+  m.def("set_int_dot(int d) -> int", &set_int_dot);
   m.def("pool_stats() -> Tensor", &pool_stats);
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
   m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, Tensor? rows=None) -> Tensor",
