@@ -38,6 +38,7 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include "int_dots512.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -90,7 +91,8 @@ struct QRows {
 };
 
 // How a block's products are summed: which instructions, same integers.
-enum class Dot { Avx2 = 0, AvxVnni = 1, Avx512Vnni = 2 };
+// Avx512: whole zmm registers (int_dots512.h), the others ymm.
+enum class Dot { Avx2 = 0, AvxVnni = 1, Avx512Vnni = 2, Avx512 = 3 };
 
 // acc + in each int32 lane the sum of its four u8 (u) x s8 (s) byte products. The
 // AVX2 form is exact where no pair of products passes int16 (every use here).
@@ -204,6 +206,16 @@ inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g
 
 template <bool Q4, Dot D, int MB>
 inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t nb, int64_t g0, int64_t g1, float* acc) {
+  if constexpr (D == Dot::Avx512) {  // all 8 rows of the block (a short block's are zeros)
+    const int64_t K = x.K;
+    if constexpr (Q4)
+      q4_dots512<MB>(x.q.data() + m0 * K, x.s.data() + m0 * (K / QK), K, static_cast<const uint8_t*>(wb), g0, g1,
+                     Q4_GROUP, acc);
+    else
+      q8_dots512<MB>(x.q.data() + m0 * K, x.qa.data() + m0 * K, x.s.data() + m0 * (K / QK), K,
+                     static_cast<const int8_t*>(wb), g0, g1, acc);
+    return;
+  }
   if constexpr (Q4) {  // a q4 block always has 8 rows (sybil.quant requires N % 8 == 0)
     if constexpr (MB == 1) {
       q4_dots<D, 1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
@@ -286,6 +298,7 @@ void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, 
   switch (int_dot()) {
     case Dot::AvxVnni: return int_linear_with<Q4, Dot::AvxVnni>(x, M, K, w, N, scale, bias, y);
     case Dot::Avx512Vnni: return int_linear_with<Q4, Dot::Avx512Vnni>(x, M, K, w, N, scale, bias, y);
+    case Dot::Avx512: return int_linear_with<Q4, Dot::Avx512>(x, M, K, w, N, scale, bias, y);
     default: return int_linear_with<Q4, Dot::Avx2>(x, M, K, w, N, scale, bias, y);
   }
 }
