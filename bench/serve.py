@@ -145,7 +145,7 @@ def start_worker(args, with_draft: bool, chunk: str = "auto", cache: bool = True
     cmd = [sys.executable, "-m", "bench.serve", "--worker", "--target", args.target, "--weights", args.weights,
            "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens),
            "--prompts", str(args.prompts), "--k", str(args.k), "--draft-quantize", args.draft_quantize,
-           "--prefill-chunk", str(chunk)] + ([] if cache else ["--no-prompt-cache"])
+           "--prefill-chunk", str(chunk), "--quantize", args.quantize] + ([] if cache else ["--no-prompt-cache"])
     cmd += ["--draft", args.draft if with_draft else "none", "--simulate-acceptance", str(args.simulate_acceptance)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -174,6 +174,8 @@ def worker(args) -> int:
     build = (lambda name, seed: random_model(name, seed, dtype, device)) if args.weights == "random" else (
         lambda name, seed: real_model(name, dtype, device))
     target = build(args.target, 0)
+    if args.quantize != "none":
+        target.quantize(args.quantize)
     draft, label = None, ""
     if args.draft in ("ngram", "suffix"):
         draft, label = args.draft, f", draft {args.draft} k={args.k}"
@@ -219,7 +221,8 @@ def render(rows: list[dict], config: dict) -> str:
         f"{config['max_tokens']} tokens per request, streaming")
     checked = any("problems" in r for r in rows)
     lines = [
-        f"server: {config['target']} ({config['weights']} weights), {config['dtype']}, max batch "
+        f"server: {config['target']} ({config['weights']} weights), {config['dtype']}"
+        f"{'' if config.get('quantize', 'none') == 'none' else ' compute, ' + config['quantize'] + ' weights'}, max batch "
         f"{config['max_batch']}, {load}, greedy",
         "| draft | concurrency | requests | tokens/s | vs concurrency 1 | TTFT p50 ms | TTFT p99 ms "
         "| ITL p50 ms | ITL p99 ms | acceptance |" + (" wrong | solo checks (mismatches) | RSS growth |" if checked else ""),
@@ -269,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a row with chunked prefill off, in the same run")
     p.add_argument("--peer", choices=["llamacpp"], default=None,
                    help="add a row for llama.cpp's llama-server on the same weights (bench/build_llamacpp.sh)")
-    p.add_argument("--quantize", default="none", help="the peer's precision: none (F32) or int8 (Q8_0)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="the target's weights, Sybil's and the peer's alike: none (float32; F32), int8 (Q8_0), "
+                        "int4 (Q4_0)")
     p.add_argument("--threads", type=int, default=2, help="the peer's threads (default 2)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -555,7 +555,8 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "simulated_acceptance": args.simulate_acceptance, "threads": native.threads(),
         "quantize": quantize, "draft_quantize": draft_quantize, "draft_vocab": args.draft_vocab,
-        "kernels": "sybil C++ (AVX2)" if native.available() else f"torch ({native.why_unavailable()})",
+        "kernels": (f"sybil C++ (AVX2 float, {native.int_dot()} integer dots)" if native.available()
+                    else f"torch ({native.why_unavailable()})"),
     }
     batch_rows = []
     if args.batch_sizes:
