@@ -171,6 +171,7 @@ class Status:
 def _load() -> Status:
     if os.environ.get("SYBIL_NATIVE", "1") == "0":
         return Status("disabled by SYBIL_NATIVE=0")
+    dot = int_dot()  # a bad SYBIL_INT_DOT is an error even where the kernels cannot load
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
         return Status(f"this CPU lacks {', '.join(missing)}")
@@ -190,7 +191,7 @@ def _load() -> Status:
         build_s = time.perf_counter() - t
         print(f"sybil: kernels built in {build_s:.0f} s ({lib})", file=sys.stderr)
     torch.ops.load_library(str(lib))
-    torch.ops.sybil.set_int_dot(INT_DOTS[int_dot()][1])
+    torch.ops.sybil.set_int_dot(INT_DOTS[dot][1])
     n = threads()
     torch.ops.sybil.set_threads(n)
     if os.environ.get("SYBIL_POOL") != "openmp":
