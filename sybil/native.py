@@ -15,6 +15,10 @@ or AVX512-VNNI with VL), else AVX2; every form gives the same integers, so the s
 bits. SYBIL_INT_DOT=avx2|avxvnni|avx512vnni|avx512 forces one (for comparisons), and
 only one the CPU has.
 
+The float linear takes 32 registers (csrc/float_linear.h) where the flags show
+AVX512F and AVX512VL (SYBIL_FLOAT_WIDE=0 turns that off): the same instructions and
+the same bits, with more weight rows per pass.
+
 Their parallel regions run on Sybil's own thread pool (csrc/pool.h says why), of
 `threads()` threads: SYBIL_THREADS, else torch's count (which follows
 OMP_NUM_THREADS and the CPUs this process may use). Once they load, torch's own
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-SOURCES = ("kernels.cpp", "pool.h", "simd.h", "int_linear.h", "int_dots512.h")  # what the build reads: all of it keys the cached library
+SOURCES = ("kernels.cpp", "float_linear.h", "pool.h", "simd.h", "int_linear.h", "int_dots512.h")  # what the build reads: all of it keys the cached library
 
 
 INT_DOTS = {"avx2": ((), 0), "avxvnni": (("avx_vnni",), 1), "avx512vnni": (("avx512_vnni", "avx512vl"), 2),
@@ -79,6 +83,27 @@ def set_int_dot(name: str) -> str:
         torch.ops.sybil.set_int_dot(INT_DOTS[name][1])
     os.environ["SYBIL_INT_DOT"] = name
     return name
+
+
+WIDE_FLAGS = ("avx512f", "avx512vl")  # 32 ymm registers for the float linear (csrc/float_linear.h)
+
+
+def float_wide() -> bool:
+    """Whether the float linear uses 32 registers: where the flags show AVX512F and
+    AVX512VL, unless SYBIL_FLOAT_WIDE=0 (the same bits either way)."""
+    return os.environ.get("SYBIL_FLOAT_WIDE") != "0" and all(f in cpu_flags() for f in WIDE_FLAGS)
+
+
+def set_float_wide(on: bool) -> bool:
+    """Switch the loaded kernels' float linear form (tests and benchmarks compare them)."""
+    if on and not all(f in cpu_flags() for f in WIDE_FLAGS):
+        from sybil.errors import SybilError
+
+        raise SybilError(f"the wide float linear needs {' and '.join(WIDE_FLAGS)}, which this CPU lacks")
+    os.environ["SYBIL_FLOAT_WIDE"] = "1" if on else "0"
+    if available():
+        torch.ops.sybil.set_float_wide(on)
+    return on
 
 
 def threads() -> int:
@@ -192,6 +217,7 @@ def _load() -> Status:
         print(f"sybil: kernels built in {build_s:.0f} s ({lib})", file=sys.stderr)
     torch.ops.load_library(str(lib))
     torch.ops.sybil.set_int_dot(INT_DOTS[dot][1])
+    torch.ops.sybil.set_float_wide(float_wide())
     n = threads()
     torch.ops.sybil.set_threads(n)
     if os.environ.get("SYBIL_POOL") != "openmp":

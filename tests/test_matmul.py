@@ -211,3 +211,28 @@ def test_every_integer_dot_product_gives_the_avx2_bits(int_dot, dot):
             assert torch.equal(runs["avx2"][1], runs[dot][1]), (n, k, m)
         want = _integer_reference(x, q.view(n, -1, 32), scale[:, None], b)
         assert (runs[dot][0].double() - want).abs().max().item() < 1e-5 * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_wide_float_linear_gives_the_same_bits(dtype):
+    """32 registers change how many weight rows share a pass, never a sum's order."""
+    if not native.available():
+        pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    if not all(f in native.cpu_flags() for f in native.WIDE_FLAGS):
+        pytest.skip("this CPU has no AVX512F + AVX512VL")
+    before = native.float_wide()
+    try:
+        for n, k, m in [(64, 128, 1), (67, 96, 5), (13, 77, 3), (256, 1024, 9), (256, 1024, 50)]:  # a K tail too
+            w, b, x = _data(n, k, m, seed=3 * n + k + m, dtype=dtype)
+            q, scale = quant.quantize_int8(w.float())
+            packed = quant.pack_int8(q) if k % 8 == 0 else None
+            got = {}
+            for on in (False, True):
+                native.set_float_wide(on)
+                got[on] = (matmul.linear(x, w, b), None if packed is None else matmul.linear_int8(x, packed, scale, b))
+            assert torch.equal(got[False][0], got[True][0]), (n, k, m)
+            assert packed is None or torch.equal(got[False][1], got[True][1]), (n, k, m)
+            want = F.linear(x.double(), w.double(), b.double())
+            assert (got[True][0].double() - want).abs().max() < (1e-4 if dtype == torch.float32 else 0.1)
+    finally:
+        native.set_float_wide(before)

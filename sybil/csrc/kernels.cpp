@@ -43,99 +43,32 @@ inline float scalar(float v) { return v; }
 inline float scalar(bf16 v) { return static_cast<float>(v); }
 inline float scalar(int8_t v) { return static_cast<float>(v); }
 
-constexpr int64_t NBLOCK = 8;   // output channels per task: the unit of the thread split
-constexpr int MAX_MB = 3;       // rows per pass: 3 rows x 4 channels = 12 running sums in the 16 registers
-constexpr int64_t KC = 512;     // columns per chunk: the block's chunk stays in L1 for every pass
-constexpr int64_t M_CHUNK = 48; // rows whose running sums a task keeps in memory
+namespace narrow {
+#include "float_linear.h"
+}  // namespace narrow
 
-// MB rows of x against NB rows of w over columns k0..k1 (multiples of 8), adding
-// into 8-lane running sums acc[m][n] (rows NBLOCK * 8 floats apart). Every dot
-// product is accumulated lane-wise over k in order, chunk after chunk, then
-// reduced by one fixed hsum: MB, NB, the chunking and the thread split decide
-// only which sums share a pass over the weights, never the order inside a sum.
-// Weights are addressed as w[n * rs + (k / 8) * ks + k % 8]: a plain [N, K]
-// matrix has rs = K, ks = 8; the packed layout (8 rows interleaved in groups of
-// 8 columns, so a block of 8 rows is one sequential stream) has rs = 8, ks = 64.
-template <typename W, int MB, int NB>
-inline void dots(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t k0, int64_t k1, float* acc) {
-  __m256 a[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) a[m][n] = _mm256_loadu_ps(acc + (m * NBLOCK + n) * 8);
-  for (int64_t k = k0; k < k1; k += 8) {
-    for (int n = 0; n < NB; ++n) {
-      // int8: ask for the packed stream 1 KiB ahead (measured: 0.36 -> 0.31 of the
-      // time to sum the same float32 layer; for float32 the same hint cost 10%).
-      if (sizeof(W) == 1 && n == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (k >> 3) * ks) + 1024, _MM_HINT_T0);
-      const __m256 wv = load8(w + n * rs + (k >> 3) * ks);
-      for (int m = 0; m < MB; ++m) a[m][n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), a[m][n]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc + (m * NBLOCK + n) * 8, a[m][n]);
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl")
+namespace wide {
+#define SYBIL_FLOAT_WIDE
+#include "float_linear.h"
+#undef SYBIL_FLOAT_WIDE
+}  // namespace wide
+#pragma GCC pop_options
 
-// MB rows against nb <= NBLOCK weight rows. One row shares a pass with 8 weight
-// rows, more rows with 4, so that 8 to 12 independent sums are in flight.
-template <typename W, int MB>
-inline void pass(const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, int64_t k0, int64_t k1,
-                 float* acc) {
-  constexpr int NB = MB == 1 ? 8 : 4;
-  int64_t n = 0;
-  for (; n + NB <= nb; n += NB) dots<W, MB, NB>(x, K, w + n * rs, rs, ks, k0, k1, acc + n * 8);
-  for (; n < nb; ++n) dots<W, MB, 1>(x, K, w + n * rs, rs, ks, k0, k1, acc + n * 8);
-}
-
-template <typename W>
-inline void pass_any(int mb, const float* x, int64_t K, const W* w, int64_t rs, int64_t ks, int64_t nb, int64_t k0,
-                     int64_t k1, float* acc) {
-  switch (mb) {
-    case 1: pass<W, 1>(x, K, w, rs, ks, nb, k0, k1, acc); break;
-    case 2: pass<W, 2>(x, K, w, rs, ks, nb, k0, k1, acc); break;
-    default: pass<W, 3>(x, K, w, rs, ks, nb, k0, k1, acc); break;
-  }
+// Whether the float linear takes its wide form (float_linear.h); sybil.native sets it.
+bool& float_wide() {
+  static bool on = false;
+  return on;
 }
 
 template <typename W>
 void linear_impl(const float* x, int64_t M, int64_t K, const W* w, bool packed, int64_t N, const float* scale,
                  const float* bias, float* y) {
-  const int64_t rs = packed ? 8 : K, ks = packed ? 64 : 8;  // a block of 8 rows is 8 * K elements either way
-  const int64_t kv = K & ~int64_t(7);
-  const int64_t blocks = (N + NBLOCK - 1) / NBLOCK;
-  // Enough weights per task that thread start-up stays small next to the reads.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (NBLOCK * std::max<int64_t>(K, 1)));
-  sybil::Pool::get().run(blocks, grain, [&](int64_t b0, int64_t b1) {
-    thread_local std::vector<float> acc;
-    acc.resize(M_CHUNK * NBLOCK * 8);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * NBLOCK, nb = std::min(NBLOCK, N - n0);
-      const W* wb = w + b * NBLOCK * K;
-      for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
-        const int64_t mc = std::min(M_CHUNK, M - m0), passes = (mc + MAX_MB - 1) / MAX_MB;
-        std::fill(acc.begin(), acc.begin() + mc * NBLOCK * 8, 0.f);
-        // Every pass uses a chunk of the block while it is in L1: the first pass
-        // streams it from memory, the others compute, so the two overlap.
-        for (int64_t k0 = 0; k0 < kv; k0 += KC) {
-          const int64_t k1 = std::min(k0 + KC, kv);
-          int64_t mm = 0;
-          for (int64_t p = 0; p < passes; ++p) {
-            const int64_t mb = (mc - mm) / (passes - p);  // near-equal passes of at most MAX_MB rows
-            pass_any<W>(static_cast<int>(mb), x + (m0 + mm) * K, K, wb, rs, ks, nb, k0, k1,
-                        acc.data() + mm * NBLOCK * 8);
-            mm += mb;
-          }
-        }
-        for (int64_t m = 0; m < mc; ++m)
-          for (int64_t n = 0; n < nb; ++n) {
-            float v = hsum(_mm256_loadu_ps(acc.data() + (m * NBLOCK + n) * 8));
-            for (int64_t k = kv; k < K; ++k) v += scalar(wb[n * rs + (k >> 3) * ks + (k & 7)]) * x[(m0 + m) * K + k];
-            if (scale) v *= scale[n0 + n];
-            if (bias) v += bias[n0 + n];
-            y[(m0 + m) * N + n0 + n] = v;
-          }
-      }
-    }
-  });
+  if (float_wide())
+    wide::linear_impl(x, M, K, w, packed, N, scale, bias, y);
+  else
+    narrow::linear_impl(x, M, K, w, packed, N, scale, bias, y);
 }
 
 // The integer linears (int_linear.h): q8 int8 [N/8, K/32, 8, 32] with a scale [N],
@@ -445,9 +378,16 @@ int64_t set_int_dot(int64_t d) {
   return d;
 }
 
+// The float linear's wide form (float_linear.h), where sybil.native finds AVX512F + VL.
+bool set_float_wide(bool on) {
+  float_wide() = on;
+  return on;
+}
+
 TORCH_LIBRARY(sybil, m) {
   m.def("set_threads(int n) -> int", &set_threads);
   m.def("set_int_dot(int d) -> int", &set_int_dot);
+  m.def("set_float_wide(bool on) -> bool", &set_float_wide);
   m.def("pool_stats() -> Tensor", &pool_stats);
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
   m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, Tensor? rows=None) -> Tensor",
