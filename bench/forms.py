@@ -28,7 +28,7 @@ def forms(mode: str) -> list[str]:
     """The forms to compare for weights `mode`."""
     if mode != "none":
         return native.int_dot_choices()
-    return ["narrow", "wide"] if all(f in native.cpu_flags() for f in native.WIDE_FLAGS) else ["narrow"]
+    return ["narrow", "wide"] if native.can_float_wide() else ["narrow"]
 
 
 def default_form(mode: str) -> str:

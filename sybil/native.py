@@ -88,15 +88,20 @@ def set_int_dot(name: str) -> str:
 WIDE_FLAGS = ("avx512f", "avx512vl")  # 32 ymm registers for the float linear (csrc/float_linear.h)
 
 
+def can_float_wide() -> bool:
+    """Whether the flags show what the wide float linear needs."""
+    return all(f in cpu_flags() for f in WIDE_FLAGS)
+
+
 def float_wide() -> bool:
     """Whether the float linear uses 32 registers: where the flags show AVX512F and
     AVX512VL, unless SYBIL_FLOAT_WIDE=0 (the same bits either way)."""
-    return os.environ.get("SYBIL_FLOAT_WIDE") != "0" and all(f in cpu_flags() for f in WIDE_FLAGS)
+    return os.environ.get("SYBIL_FLOAT_WIDE") != "0" and can_float_wide()
 
 
 def set_float_wide(on: bool) -> bool:
     """Switch the loaded kernels' float linear form (tests and benchmarks compare them)."""
-    if on and not all(f in cpu_flags() for f in WIDE_FLAGS):
+    if on and not can_float_wide():
         from sybil.errors import SybilError
 
         raise SybilError(f"the wide float linear needs {' and '.join(WIDE_FLAGS)}, which this CPU lacks")
