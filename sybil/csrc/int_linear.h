@@ -21,7 +21,7 @@
 // VNNI: vpdpbusd adds the four u8 x s8 products of each int32 lane in one
 // instruction, where AVX2 needs vpmaddubsw (pairs, int16) then vpmaddwd (pairs of
 // pairs). Both give each lane the exact sum of the same four columns, so the VNNI
-// path gives the same bits as the AVX2 path (tests/test_quant.py checks it). It is
+// path gives the same bits as the AVX2 path (tests/test_matmul.py checks it). It is
 // written as inline assembly: no function needs a target attribute, and the
 // library builds with -mavx2 on any machine; sybil.native picks the path from the
 // CPU's flags and sets it here (set_int_dot), never assuming it.
