@@ -23,8 +23,8 @@ cost measured from the catch-ups run (a batch of 8 new prompts cost a second of
 catch-up on the 2-core machine, 14 plain rounds, before this was priced).
 
 Every row keeps its own acceptance (a row that rarely agrees with the draft stops
-drafting while the others go on), started from the pooled acceptance of the rows
-before it, and rows start one per round (one catch-up per round). A row that has not
+drafting while the others go on), on top of the pooled acceptance of all rows
+(which a row that has not drafted yet follows), and rows start one per round (one catch-up per round). A row that has not
 drafted for a while probes with one token, at gaps
 that double while probes find nothing, one row per round, and only where drafting
 would pay if the row agreed: when the batch's cost is what rules drafting out, a probe
@@ -38,8 +38,8 @@ from sybil.adaptive import expected_tokens
 
 
 class _Line:
-    """y = a + b * x by least squares over decayed observations; `prior_slope` (a
-    fraction of the intercept) until x has been seen at two values.
+    """y = a + b * x by least squares over decayed observations, its slope drawn toward
+    `prior_slope` (a fraction of the intercept) as much as the widths seen are close.
 
     Timing noise is one-sided and bursty: the first forward of a new width (buffers,
     kernel set-up) or a moment another process holds the core can cost several times
@@ -51,6 +51,7 @@ class _Line:
     """
 
     SPIKE = 1.5
+    PRIOR_WEIGHT = 16.0  # the prior slope weighs as much as this sum of squared widths from the mean
 
     def __init__(self, decay: float, prior_slope: float) -> None:
         self.decay, self.prior_slope = decay, prior_slope
@@ -59,13 +60,34 @@ class _Line:
         self.held: tuple[float, float] | None = None  # a spike, until the next observation
 
     def add(self, x: float, y: float) -> None:
-        if self.known and y > self.SPIKE * self(x):
+        if not self.w:  # the first observation has nothing to be judged against: see _first
+            self._first(x, y)
+            return
+        if y > self.SPIKE * self(x):
             if self.held is None:
                 self.held = (x, y)
                 return
             self._add(*self.held)  # two high in a row: the cost changed
         self.held = None
         self._add(x, y)
+
+    def _first(self, x: float, y: float) -> None:
+        """The very first forward is the likeliest spike of all (a server's first round
+        touches the weights and the cache's pages: 3.3 s for 8 prompts of 25 tokens on
+        the 2-core machine, 3.5x what it cost warm), and least squares keeps its slope
+        however much it decays. So it is held (and predicts alone) until the second,
+        then dropped if over SPIKE times what the second alone predicts for it."""
+        if self.held is None:
+            self.held = (x, y)
+            return
+        (hx, hy), self.held = self.held, None
+        second = _Line(self.decay, self.prior_slope)
+        second._add(x, y)
+        if hy > self.SPIKE * second(hx):
+            self._add(x, y)
+            return
+        self._add(hx, hy)
+        self.add(x, y)
 
     def _add(self, x: float, y: float) -> None:
         d = self.decay
@@ -75,16 +97,27 @@ class _Line:
 
     @property
     def known(self) -> bool:
-        return self.w > 0
+        return self.w > 0 or self.held is not None
 
     def coefficients(self) -> tuple[float, float]:
+        if not self.w:  # only the first observation, held: it alone
+            mx, my = self.held
+            return self._through(mx, my, self.prior_slope * my / (1 + self.prior_slope * mx))
         mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        if var > 1e-9 * max(1.0, mx * mx):
-            slope = max((self.sxy / self.w - mx * my) / var, 0.0)  # never cheaper for more work
-        else:  # one width seen: the prior slope through its mean
-            slope = self.prior_slope * my / (1 + self.prior_slope * mx)
-        return max(my - slope * mx, 0.0), slope
+        prior = self.prior_slope * my / (1 + self.prior_slope * mx)  # the prior slope through the mean
+        sxx, sxy = self.sxx - self.sx * mx, self.sxy - self.sx * my  # centred, decayed sums
+        # Ridge toward the prior: the data's slope wins as the widths spread (sxx grows),
+        # the prior where they hardly differ, so that the noise of rounds one token apart
+        # cannot set the price of every token (100 ms rounds of 8 and 9 tokens that
+        # differed by 10 ms of noise made a token cost 12 ms, and nothing drafted).
+        return self._through(mx, my, max((sxy + self.PRIOR_WEIGHT * prior) / (sxx + self.PRIOR_WEIGHT), 0.0))
+
+    @staticmethod
+    def _through(mx: float, my: float, slope: float) -> tuple[float, float]:
+        """(intercept, slope) of the line of that slope through the point (mx, my); the
+        intercept never below 0."""
+        slope = min(slope, my / max(mx, 1e-9))
+        return my - slope * mx, slope
 
     def __call__(self, x: float) -> float:
         a, b = self.coefficients()
@@ -107,21 +140,24 @@ class BatchK:
         self.draft = _Line(decay, prior_slope=0.1)
         self.pool = [prior_alpha, 1.0 - prior_alpha]  # pooled hits and misses: a new row's prior
         self.catchup_token_s: float | None = None  # a draft catch-up forward, per token fed
-        self.rows: dict[int, list[float]] = {}  # slot -> [hits, misses]
+        self.rows: dict[int, list[float]] = {}  # slot -> its own [hits, misses]
         self.plain: dict[int, int] = {}  # slot -> rounds since it last drafted
         self.gap: dict[int, int] = {}  # slot -> rounds between its probes
         self.rounds = 0
 
     # ---- rows
     def start(self, slot: int) -> None:
-        """A new sequence in slot: its acceptance starts from the pooled one, weighing one round."""
-        alpha = self.pool[0] / (self.pool[0] + self.pool[1])
-        self.rows[slot] = [alpha, 1.0 - alpha]
+        """A new sequence in slot: nothing of its own known yet."""
+        self.rows[slot] = [0.0, 0.0]
         self.plain[slot], self.gap[slot] = 0, self.PROBE_EVERY
 
     def alpha(self, slot: int) -> float:
-        hits, misses = self.rows.get(slot) or self.pool
-        return hits / (hits + misses)
+        """The row's own hits and misses on top of the pooled acceptance, weighing one
+        round: a row that has not drafted yet follows what the others find (held at the
+        pool as it was when it started, 7 rows at a prior 0.5 waited behind one that had
+        found 0.76, and no round found that drafting them all would pay)."""
+        hits, misses = self.rows.get(slot) or (0.0, 0.0)
+        return (hits + self.pool[0] / (self.pool[0] + self.pool[1])) / (hits + misses + 1.0)
 
     # ---- costs
     def verify_s(self, tokens: int) -> float:
@@ -251,7 +287,7 @@ class BatchK:
                 self.plain[b] = self.plain.get(b, 0) + 1
                 continue
             self.plain[b] = 0
-            h, m = self.rows.setdefault(b, list(self.pool))
+            h, m = self.rows.setdefault(b, [0.0, 0.0])
             miss = float(accepted < drafted)
             self.rows[b] = [self.decay * h + accepted, self.decay * m + miss]
             hits, misses = hits + accepted, misses + miss
