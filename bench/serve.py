@@ -84,8 +84,10 @@ def metric(client, url: str, name: str) -> float:
     return 0.0
 
 
-def run_level(url: str, prompts: list[list[int]], concurrency: int, requests_per_client: int,
-              max_tokens: int) -> dict:
+def measure_level(url: str, prompts: list[list[int]], concurrency: int, requests_per_client: int,
+                  max_tokens: int) -> dict:
+    """One run of a level: every request's tokens, first-token time and gaps, the wall
+    time and the draft counters' growth (summarise turns runs into a row)."""
     results: list[dict] = []
     errors: list[str] = []
     retried = [0]  # requests sent again after the server closed their connection unanswered
@@ -117,23 +119,38 @@ def run_level(url: str, prompts: list[list[int]], concurrency: int, requests_per
     with httpx.Client(timeout=600) as c:
         drafted = metric(c, url, "sybil_draft_tokens_total") - drafted0
         accepted = metric(c, url, "sybil_accepted_tokens_total") - accepted0
+    return {"concurrency": concurrency, "results": results, "wall_s": wall, "drafted": drafted,
+            "accepted": accepted, "retried": retried[0]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """A level's row from one or more runs of it (--repeat): their requests pooled, tokens
+    over the sum of their wall times, percentiles over every first token and gap."""
+    results = [r for run in runs for r in run["results"]]
+    drafted, accepted = sum(run["drafted"] for run in runs), sum(run["accepted"] for run in runs)
     ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
     gaps = [g for r in results for g in r["gaps_s"]]
-    tokens = sum(r["tokens"] for r in results)
+    tokens, wall = sum(r["tokens"] for r in results), sum(run["wall_s"] for run in runs)
     ms = lambda v: None if v is None else 1000 * v  # noqa: E731
     return {
-        "concurrency": concurrency,
+        "concurrency": runs[0]["concurrency"],
         "requests": len(results),
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
+        "runs": len(runs),
         "ttft_ms_p50": ms(percentile(ttft, 50)),
         "ttft_ms_p99": ms(percentile(ttft, 99)),
         "itl_ms_p50": ms(percentile(gaps, 50)),
         "itl_ms_p99": ms(percentile(gaps, 99)),
         "acceptance": accepted / drafted if drafted else None,
-        "retried": retried[0],
+        "retried": sum(run["retried"] for run in runs),
     }
+
+
+def run_level(url: str, prompts: list[list[int]], concurrency: int, requests_per_client: int,
+              max_tokens: int) -> dict:
+    return summarise([measure_level(url, prompts, concurrency, requests_per_client, max_tokens)])
 
 
 def _drain(stream) -> None:
@@ -276,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target's weights, Sybil's and the peer's alike: none (float32; F32), int8 (Q8_0), "
                         "int4 (Q4_0)")
     p.add_argument("--threads", type=int, default=2, help="the peer's threads (default 2)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="uniform workload: run each level N times, the setups taking turns, and pool the "
+                        "runs into its row (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-prompt-cache", action="store_true", help=argparse.SUPPRESS)  # the worker's
@@ -445,6 +465,13 @@ def run_cache(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _label(name: str, args: argparse.Namespace, simulated: bool) -> str:
+    if name == "draft":
+        return f"{args.draft} k={args.k}" + (f" SIMULATED acceptance {args.simulate_acceptance}" if simulated else "")
+    return {"none": "none", "sequential": "none, prefill whole (no chunks)", "external": "external",
+            "llama-server": "llama-server (llama.cpp)"}[name]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         return worker(args)
@@ -452,8 +479,8 @@ def run(args: argparse.Namespace) -> int:
         levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         raise SybilError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from None
-    if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
-        raise SybilError("--concurrency levels, --requests-per-client and --max-tokens must be at least 1")
+    if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.repeat < 1:
+        raise SybilError("--concurrency levels, --requests-per-client, --max-tokens and --repeat must be at least 1")
     if args.weights == "random" and not 0 <= args.simulate_acceptance <= 1:
         raise SybilError("--simulate-acceptance must be between 0 and 1")
     if args.duration is not None and args.duration <= 0:
@@ -470,39 +497,45 @@ def run(args: argparse.Namespace) -> int:
     else:
         setups = [("none", "auto")] + ([("sequential", "0")] if args.compare_chunking else []) + (
             [] if args.draft == "none" else [("draft", "auto")]) + ([("llama-server", None)] if args.peer else [])
-    for name, chunk in setups:
-        proc, peer, url = None, None, args.url
-        if name == "llama-server":
-            proc, url, peer = start_llama_server(args)
-        elif url is None:
-            proc, url = start_worker(args, with_draft=name == "draft", chunk=chunk)
-        try:
+    servers: list[tuple[str, str, str, subprocess.Popen | None, object]] = []  # name, label, url, proc, peer
+    try:
+        # Every server is started (and warmed) first and the setups take turns at each level,
+        # so a ratio between two rows compares runs seconds apart, not minutes: these
+        # machines drift by 10-20% over minutes, as much as a draft's gain or loss.
+        for name, chunk in setups:
+            proc, peer, url = None, None, args.url
+            if name == "llama-server":
+                proc, url, peer = start_llama_server(args)
+            elif url is None:
+                proc, url = start_worker(args, with_draft=name == "draft", chunk=chunk)
+            servers.append((name, _label(name, args, simulated), url, proc, peer))
             with httpx.Client() as c:
                 one_request(c, url, prompts[0], 4)  # warm-up
-            label = {"none": "none", "sequential": "none, prefill whole (no chunks)", "external": "external",
-                     "llama-server": "llama-server (llama.cpp)"}.get(name)
-            if name == "draft":
-                label = f"{args.draft} k={args.k}"
-                if simulated:
-                    label += f" SIMULATED acceptance {args.simulate_acceptance}"
+        runs: dict[tuple[int, int], list[dict]] = {}  # (server, level) -> its runs
+        for c in levels if args.duration is None else levels[-1:]:
+            for _ in range(1 if mixed_load else args.repeat):
+                for i, (name, label, url, proc, _peer) in enumerate(servers):
+                    print(f"[bench] {label}: concurrency {c}", file=sys.stderr, flush=True)
+                    if name == "llama-server" and mixed_load:
+                        r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
+                        r["draft"] = label + " (uniform workload: it is not checked)"
+                    elif mixed_load:
+                        r = run_mixed(url, c, args.seed, count=args.requests_per_client * c, duration=args.duration,
+                                      pid=proc.pid if proc and name != "llama-server" else None, check=args.check)
+                    else:
+                        r = measure_level(url, prompts, c, args.requests_per_client, args.max_tokens)
+                    runs.setdefault((i, c), []).append(r)
+        for i, (_name, label, *_rest) in enumerate(servers):
             base = None
             for c in levels if args.duration is None else levels[-1:]:
-                print(f"[bench] {label}: concurrency {c}", file=sys.stderr, flush=True)
-                if name == "llama-server" and mixed_load:
-                    r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
-                    label_row = label + " (uniform workload: it is not checked)"
-                elif mixed_load:
-                    r = run_mixed(url, c, args.seed, count=args.requests_per_client * c, duration=args.duration,
-                                  pid=proc.pid if proc and name != "llama-server" else None, check=args.check)
-                    label_row = label
-                else:
-                    r = run_level(url, prompts, c, args.requests_per_client, args.max_tokens)
-                    label_row = label
-                r["draft"] = label_row
+                got = runs[(i, c)]
+                r = got[0] if "tokens_per_s" in got[0] else summarise(got)
+                r.setdefault("draft", label)
                 base = base or (r["tokens_per_s"] if c == levels[0] else None)
                 r["vs_concurrency_1"] = r["tokens_per_s"] / base if base and levels[0] == 1 else None
                 rows.append(r)
-        finally:
+    finally:
+        for _name, _label_, _url, proc, peer in servers:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)

@@ -26,14 +26,14 @@ def test_a_small_run_reports_every_level_with_and_without_the_draft(tiny, tmp_pa
     target, draft = tiny
     out = tmp_path / "serve.json"
     r = _bench("--target", str(target), "--draft", str(draft), "--concurrency", "1,3", "--max-tokens", "6",
-               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--k", "2", "--json", str(out))
+               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--k", "2", "--repeat", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
     rows = rec["rows"]
     assert [(row["concurrency"], "SIMULATED" in row["draft"]) for row in rows] == [
         (1, False), (3, False), (1, True), (3, True)]
     for row in rows:
-        assert row["requests"] == 2 * row["concurrency"]
+        assert row["runs"] == 2 and row["requests"] == 2 * 2 * row["concurrency"]  # two runs pooled
         assert row["tokens"] == 6 * row["requests"]  # greedy, <|endoftext|> ignored: every request runs to max_tokens
         assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
         assert row["ttft_ms_p50"] <= row["ttft_ms_p99"] and row["itl_ms_p50"] <= row["itl_ms_p99"]
@@ -47,6 +47,7 @@ def test_a_small_run_reports_every_level_with_and_without_the_draft(tiny, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--concurrency", "1,x"], "--concurrency"),
     (["--concurrency", "0"], "at least 1"),
+    (["--repeat", "0"], "at least 1"),
     (["--simulate-acceptance", "1.5"], "between 0 and 1"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
