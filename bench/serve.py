@@ -11,6 +11,8 @@ got wrong and checks a sample of answers against the same requests sent alone.
 server's resident memory after the first minute and at the end. `--compare-chunking`
 adds a row with chunked prefill off (each prompt prefilled whole as it joins), and
 `--peer llamacpp` a row for llama.cpp's llama-server on the same weights (GGUF).
+Every server is started first and they take turns at each level (`--repeat N`: N
+turns each, pooled into one row), so rows compare runs seconds apart.
 
 With --weights random (real shapes, random values, the default here: no real
 weights can be downloaded on the machines this runs on) acceptance between two

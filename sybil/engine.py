@@ -520,6 +520,13 @@ class Batch:
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    def prefault(self) -> None:
+        """Back every page of the target's and the draft's caches now (KVCache.prefault):
+        for a server, which would otherwise pay it in the first round of each slot."""
+        self.dec.cache.prefault()
+        for d in _models(self.drafter):
+            d.cache.prefault()
+
     def free_slots(self) -> list[int]:
         return [b for b, r in enumerate(self.rows) if r is None]
 

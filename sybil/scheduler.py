@@ -92,6 +92,7 @@ class Scheduler:
         # rounds, so they never wait for a whole prompt; None prefills it at once
         self.batch = Batch(model, max_batch, max_len, drafter, k, graphs, prefill_chunk)
         self.batch.dec.prompts.enabled &= prompt_cache  # off: every prompt prefilled from scratch
+        self.batch.prefault()  # at start, not in each slot's first round
         self.jobs: list[Job | None] = [None] * max_batch  # the job in each slot
         self.queue: deque[Job] = deque()
         self.cond = threading.Condition()

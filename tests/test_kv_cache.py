@@ -103,3 +103,23 @@ def test_a_row_view_shares_the_buffers_and_has_its_own_pointers(model):
     assert cache.lengths.tolist() == [0, 7, 7]
     with pytest.raises(ValueError):
         cache.set_lengths(0, [17])
+
+
+def _resident_bytes() -> int:
+    import os
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="reads Linux's /proc/self/statm")
+def test_prefault_backs_every_page_and_keeps_the_entries():
+    cache = KVCache(2, 1, 4, 2048, 1024)  # 2 x 64 MiB, backed only where written
+    k, v = torch.randn(1, 4, 8, 1024), torch.randn(1, 4, 8, 1024)
+    cache.write(0, k, v, torch.arange(8)[None])  # layer 0: one page per head (at most 1/8 of it)
+    held_k, held_v = cache.k[:, :, :, :8].clone(), cache.v[:, :, :, :8].clone()
+    before = _resident_bytes()
+    cache.prefault()
+    grown = _resident_bytes() - before
+    total = 2 * cache.k.numel() * cache.k.element_size()
+    assert grown > 0.75 * total  # most of the 128 MiB was not backed before
+    assert torch.equal(cache.k[:, :, :, :8], held_k) and torch.equal(cache.v[:, :, :, :8], held_v)
+    assert int(cache.k[:, :, :, 8:].abs().sum()) == 0
