@@ -153,3 +153,22 @@ def test_a_row_that_has_not_drafted_follows_the_pool():
     for _ in range(20):
         c.update({0: (4, 4)}, 13, 0.1, 4, 0.02)  # row 0 drafts and always lands
     assert c.alpha(3) > before + 0.2 and c.alpha(3) == pytest.approx(c.alpha(7))
+
+
+def test_a_new_row_probes_at_the_gap_the_rows_before_it_reached():
+    """A draft that never lands: each new request probing from a gap of 16 again would
+    pay two probes and their catch-ups per 64-token request."""
+    c = _trained()
+    for _ in range(30):  # eight rows found the draft never agrees
+        c.update({b: (2, 0) for b in range(8)}, 24, 0.1, 2, 0.02)
+    c.start(0)
+    for _ in range(400):
+        k = c.choose({0: 500})[0]
+        c.update({0: (k, 0)}, 1 + k, 0.05 + 0.005 * k, 1 if k else 0, 0.005 if k else 0.0)
+    c.start(1)
+    probes = []
+    for i in range(100):
+        k = c.choose({1: 500})[1]
+        c.update({1: (k, 0)}, 1 + k, 0.05 + 0.005 * k, 1 if k else 0, 0.005 if k else 0.0)
+        probes += [i] if k else []
+    assert c.probe_gap >= 128 and probes == []
