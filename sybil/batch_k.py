@@ -24,9 +24,9 @@ catch-up on the 2-core machine, 14 plain rounds, before this was priced).
 
 Every row keeps its own acceptance (a row that rarely agrees with the draft stops
 drafting while the others go on), on top of the pooled acceptance of all rows
-(which a row that has not drafted yet follows), and rows start one per round (one catch-up per round). A row that has not
-drafted for a while probes with one token, at gaps
-that double while probes find nothing, one row per round, and only where drafting
+(which a row that has not drafted yet follows), and rows start one per round (one
+catch-up per round). A row that has not drafted for a while probes with one token, at
+gaps that double while probes find nothing, one row per round, and only where drafting
 would pay if the row agreed: when the batch's cost is what rules drafting out, a probe
 would learn nothing. When no window pays, every row gets 0 and the round is a plain
 step of the batch: no draft forward runs at all.
@@ -74,7 +74,7 @@ class _Line:
     def _first(self, x: float, y: float) -> None:
         """The very first forward is the likeliest spike of all (a server's first round
         touches the weights and the cache's pages: 3.3 s for 8 prompts of 25 tokens on
-        the 2-core machine, 3.5x what it cost warm), and least squares keeps its slope
+        the 2-core machine, where the line fitted later gave 1.5 s), and least squares keeps its slope
         however much it decays. So it is held (and predicts alone) until the second,
         then dropped if over SPIKE times what the second alone predicts for it."""
         if self.held is None:
@@ -102,15 +102,19 @@ class _Line:
     def coefficients(self) -> tuple[float, float]:
         if not self.w:  # only the first observation, held: it alone
             mx, my = self.held
-            return self._through(mx, my, self.prior_slope * my / (1 + self.prior_slope * mx))
+            return self._through(mx, my, self._prior(mx, my))
         mx, my = self.sx / self.w, self.sy / self.w
-        prior = self.prior_slope * my / (1 + self.prior_slope * mx)  # the prior slope through the mean
+        prior = self._prior(mx, my)
         sxx, sxy = self.sxx - self.sx * mx, self.sxy - self.sx * my  # centred, decayed sums
         # Ridge toward the prior: the data's slope wins as the widths spread (sxx grows),
         # the prior where they hardly differ, so that the noise of rounds one token apart
         # cannot set the price of every token (100 ms rounds of 8 and 9 tokens that
         # differed by 10 ms of noise made a token cost 12 ms, and nothing drafted).
         return self._through(mx, my, max((sxy + self.PRIOR_WEIGHT * prior) / (sxx + self.PRIOR_WEIGHT), 0.0))
+
+    def _prior(self, mx: float, my: float) -> float:
+        """The prior slope for a line through (mx, my): prior_slope times its intercept."""
+        return self.prior_slope * my / (1 + self.prior_slope * mx)
 
     @staticmethod
     def _through(mx: float, my: float, slope: float) -> tuple[float, float]:
@@ -155,9 +159,9 @@ class BatchK:
 
     def alpha(self, slot: int) -> float:
         """The row's own hits and misses on top of the pooled acceptance, weighing one
-        round: a row that has not drafted yet follows what the others find (held at the
-        pool as it was when it started, 7 rows at a prior 0.5 waited behind one that had
-        found 0.76, and no round found that drafting them all would pay)."""
+        round, so a row that has not drafted yet follows what the others find. (Held at
+        the pool of its start, 7 rows stayed at a prior 0.5 while one had found 0.76, and
+        no round found that drafting them all would pay.)"""
         hits, misses = self.rows.get(slot) or (0.0, 0.0)
         return (hits + self.pool[0] / (self.pool[0] + self.pool[1])) / (hits + misses + 1.0)
 
@@ -250,7 +254,7 @@ class BatchK:
         to GAP_MAX) and starts over once a row drafts by choice; a new row starts from
         the last gap any row probed at, so that a server whose draft never lands does
         not probe each new request as if nothing were known (two probes of a 64-token
-        request with their catch-ups cost about 4% of it at one client)."""
+        request with their catch-ups: an estimated 4% of it at one client)."""
         out, probed = dict(ks), False
         for b, k in ks.items():
             if k:
