@@ -100,12 +100,22 @@ class Block(nn.Module):
                 ln_2["weight"], ln_2["bias"], *m["c_fc"].kernel_args(), *m["c_proj"].kernel_args()]
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), the same N(0, 1) draw, but none on the meta device (where
+    the loader builds): there torch's normal_ imports torch._dynamo, 2.4 s of every
+    process's start on the 2-core machine, for weights the checkpoint replaces."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte = _embedding(config.vocab_size, config.n_embd)
+        self.wpe = _embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
