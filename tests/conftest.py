@@ -67,6 +67,17 @@ def eos_checkpoint(tmp_path_factory, hf_checkpoint):
     return out
 
 
+def run_main(main, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """A command line's main(argv) in this process: (exit status, its stderr lines).
+    The same parser and run() as `python -m ...`, without a fresh interpreter and torch
+    import per case; each command keeps one bad-input test in a real process too."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
 class Server:
     """A real `python -m sybil.serve` on 127.0.0.1, a free port (--port 0, read
     back from its first line on stderr), for tests that drive it over HTTP."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench.serve import percentile
-from conftest import REPO
+from conftest import REPO, run_main
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,16 @@ def test_a_small_run_reports_every_level_with_and_without_the_draft(tiny, tmp_pa
     (["--repeat", "0"], "at least 1"),
     (["--simulate-acceptance", "1.5"], "between 0 and 1"),
 ])
-def test_bad_arguments_are_one_line_errors(args, message):
-    r = _bench(*args)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    from bench.serve import main
+
+    code, err = run_main(main, args, capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_a_bad_argument_from_a_real_process():
+    r = _bench("--concurrency", "0")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "at least 1" in r.stderr
 
 
 def test_percentile_is_nearest_rank():

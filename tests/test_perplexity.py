@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import hf_model, hf_sliding
+from conftest import hf_model, hf_sliding, run_main
 from sybil.tokenizer import encode
 
 TEXT = ("The river rose through the night, and by morning the lower town was under water. " * 9 +
@@ -58,11 +58,12 @@ def test_the_plain_line_and_the_default_context(small):
     (["--text", TEXT, "--batch", "0"], "--batch"),
     (["--text", TEXT, "--quantize", "int2"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_and_exit_2(small, tmp_path, args, message):
-    r = _run("--model", str(small), *args)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+def test_bad_input_is_one_line_and_exit_2(small, args, message, capsys):
+    from sybil.perplexity import main
+
+    code, lines = run_main(main, ["--model", str(small), *args], capsys)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
 def test_a_file_that_is_not_utf8_is_one_line(small, tmp_path):
