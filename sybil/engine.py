@@ -26,6 +26,7 @@ from sybil.logprobs import MAX_TOP, TokenLogprob, score
 from sybil.model import GPT
 from sybil.prefill import PrefillBudget
 from sybil.prompt_cache import PromptCache
+from sybil.round_log import round_record
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.suffix import SuffixDrafter
@@ -515,6 +516,9 @@ class Batch:
         self.dec = Decoder(model, slots, max_len, drafter, graphs, PrefillBudget.FIRST if self.prefill else None)
         self.rows: list[_Row | None] = [None] * slots
         self.cached_tokens = 0  # prompt tokens taken from the slots' earlier sequences, in all
+        self.on_round: Callable[[dict], None] | None = None  # gets each round's record (sybil.round_log)
+        self.rounds = 0
+        self.start = time.perf_counter()
 
     @property
     def active(self) -> int:
@@ -573,12 +577,29 @@ class Batch:
         decoding = [r is not None and not dec.prefilling(b) for b, r in enumerate(self.rows)]
         if self.prefill and dec.chunk:
             dec.chunk = self.prefill.tokens(sum(decoding))
-        rounds = dec.round(self._windows(decoding))
+        windows = self._windows(decoding)
+        rounds = dec.round(windows)
         if self.prefill:
             self.prefill.update(dec.prefilled, sum(decoding), dec.verify_s)
         self._learn(rounds)
         now = time.perf_counter()
-        return [self._commit(b, rnd, now) for b, rnd in enumerate(rounds) if rnd is not None and self.rows[b]]
+        done = [self._commit(b, rnd, now) for b, rnd in enumerate(rounds) if rnd is not None and self.rows[b]]
+        self.rounds += 1
+        if self.on_round is not None:
+            self.on_round(self._record(windows, rounds, done, now))
+        return done
+
+    def _record(self, windows: list[int | None], rounds: list[Round | None], done: list[Committed],
+                now: float) -> dict:
+        """What the round fed, chose and cost (sybil.round_log)."""
+        dec, drafter = self.dec, self.drafter
+        live = [b for b, r in enumerate(rounds) if r is not None]
+        drafted = sum(len(rounds[b].drafts) for b in live)
+        catchup = drafted > 0  # as in _learn: a drafter's catch-up counts in rounds that draft
+        return round_record(self.rounds, now - self.start, [windows[b] or 0 for b in live], dec.prefilled,
+                            drafted, sum(rounds[b].n_accepted for b in live), sum(len(c.tokens) for c in done),
+                            dec.verify_s, dec.draft_s, getattr(drafter, "catchup_tokens", 0) if catchup else 0,
+                            getattr(drafter, "catchup_s", 0.0) if catchup else 0.0)
 
     def _windows(self, decoding: list[bool]) -> list[int | None]:
         """Each slot's draft window this round; None for a free slot. Never past a row's

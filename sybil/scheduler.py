@@ -80,6 +80,7 @@ class Scheduler:
         draft_vocab: int | None = None,
         prefill_chunk: int | str | None = "auto",
         prompt_cache: bool = True,
+        round_log: Callable[[dict], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SybilError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -93,6 +94,7 @@ class Scheduler:
         self.batch = Batch(model, max_batch, max_len, drafter, k, graphs, prefill_chunk)
         self.batch.dec.prompts.enabled &= prompt_cache  # off: every prompt prefilled from scratch
         self.batch.prefault()  # at start, not in each slot's first round
+        self.batch.on_round = round_log  # each round's record (sybil.round_log), if asked for
         self.jobs: list[Job | None] = [None] * max_batch  # the job in each slot
         self.queue: deque[Job] = deque()
         self.cond = threading.Condition()

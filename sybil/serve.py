@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -25,6 +26,7 @@ from sybil.generate import _k, check_draft_flags
 from sybil.api import build_app
 from sybil.loader import (DRAFT_QUANTIZE, DRAFT_QUANTIZE_HELP, QUANTIZE, QUANTIZE_HELP, load_draft, load_model,
                           resolve_device, resolve_dtype)
+from sybil.round_log import RoundLog
 from sybil.scheduler import Scheduler
 
 
@@ -54,6 +56,9 @@ def build_parser() -> OneLineParser:
                         "a chunk costs about two without) or 0 (prefill each prompt whole as it joins)")
     p.add_argument("--shutdown-grace", type=float, default=5.0,
                    help="seconds requests in flight may run after SIGTERM (default 5)")
+    p.add_argument("--round-log", type=Path, default=None, metavar="PATH",
+                   help="append one JSON line per round (rows, draft windows, tokens fed, verify and draft ms) "
+                        "to PATH: why a draft pays or not under load (sybil.round_log)")
     return p
 
 
@@ -115,18 +120,23 @@ def run(args) -> int:
     if args.threads is not None:
         native.set_threads(args.threads)
     check_draft_flags(args)
-    sock = bind(args.host, args.port)  # before loading: a taken port fails fast
+    round_log = RoundLog(args.round_log) if args.round_log else None  # an unwritable log fails fast
+    sock = bind(args.host, args.port)  # before loading: so does a taken port
     device = resolve_device(args.device)
     dtype, _ = resolve_dtype(args.dtype, device)
     model = load_model(args.model, dtype, device, quantize=args.quantize)
     draft = load_draft(args.draft, model, args.model, args.quantize, args.draft_quantize)
     scheduler = Scheduler(model, draft, args.k, args.max_batch, args.max_queue, args.draft_vocab,
-                          args.prefill_chunk or None, not args.no_prompt_cache)
+                          args.prefill_chunk or None, not args.no_prompt_cache, round_log)
     served = args.served_model_name or args.model
     what = f"{served} ({str(dtype).removeprefix('torch.')} on {device}"
     what += f", {model.quantized} weights" if model.quantized else ""
     what += f", draft {args.draft} k={args.k})" if args.draft else ")"
-    serve(scheduler, served, sock, args.shutdown_grace, what)
+    try:
+        serve(scheduler, served, sock, args.shutdown_grace, what)
+    finally:
+        if round_log is not None:
+            round_log.close()
     return 0
 
 

@@ -1,0 +1,55 @@
+"""One JSON line per round of a Batch (`python -m sybil.serve --round-log PATH`).
+
+Why: whether a draft pays under load is decided round by round (sybil.batch_k), from
+timings that are noisy and one-sided. The summary that bench.serve prints hides why
+a run lost; the rounds show it (a first forward at 3x the rest, a token priced at
+12 ms from two widths one token apart, rows that never started drafting). Each
+line says what the round fed, chose and cost:
+
+    {"round": 17, "t_s": 4.212, "rows": 3, "prefill_tokens": 0, "windows": [2, 0, 2],
+     "tokens": 7, "drafted": 4, "accepted": 3, "committed": 6,
+     "verify_ms": 61.2, "draft_ms": 17.9, "catchup_tokens": 0, "catchup_ms": 0.0}
+
+`windows` holds each decoding row's chosen draft window in slot order (free and
+prefilling slots left out); `drafted` what the drafters proposed (a draft may stop
+short of its window); `tokens` what the target's forward fed (each row's drafts + 1,
+and prompt chunks); `draft_ms` includes the catch-up forwards, also given apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+from sybil.errors import SybilError
+
+
+def round_record(n: int, t_s: float, windows: list[int], prefill_tokens: int, drafted: int, accepted: int,
+                 committed: int, verify_s: float, draft_s: float, catchup_tokens: int, catchup_s: float) -> dict:
+    """The line for one round (times in ms, rounded to 0.1 ms)."""
+    return {
+        "round": n, "t_s": round(t_s, 3), "rows": len(windows), "prefill_tokens": prefill_tokens,
+        "windows": windows, "tokens": len(windows) + drafted + prefill_tokens,
+        "drafted": drafted, "accepted": accepted, "committed": committed,
+        "verify_ms": round(1000 * verify_s, 1), "draft_ms": round(1000 * draft_s, 1),
+        "catchup_tokens": catchup_tokens, "catchup_ms": round(1000 * catchup_s, 1),
+    }
+
+
+class RoundLog:
+    """Appends round records to a file, one flushed line each, so a log read while the
+    server runs (or after it is killed) ends on a whole line."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            self.file: TextIO = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise SybilError(f"cannot write --round-log {path}: {e.strerror}") from None
+
+    def __call__(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
