@@ -26,7 +26,7 @@ from sybil.logprobs import MAX_TOP, TokenLogprob, score
 from sybil.model import GPT
 from sybil.prefill import PrefillBudget
 from sybil.prompt_cache import PromptCache
-from sybil.round_log import round_record
+from sybil.round_log import RoundRecord
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.suffix import SuffixDrafter
@@ -516,7 +516,7 @@ class Batch:
         self.dec = Decoder(model, slots, max_len, drafter, graphs, PrefillBudget.FIRST if self.prefill else None)
         self.rows: list[_Row | None] = [None] * slots
         self.cached_tokens = 0  # prompt tokens taken from the slots' earlier sequences, in all
-        self.on_round: Callable[[dict], None] | None = None  # gets each round's record (sybil.round_log)
+        self.on_round: Callable[[RoundRecord], None] | None = None  # gets each round's record (sybil.round_log)
         self.rounds = 0
         self.start = time.perf_counter()
 
@@ -590,16 +590,18 @@ class Batch:
         return done
 
     def _record(self, windows: list[int | None], rounds: list[Round | None], done: list[Committed],
-                now: float) -> dict:
+                now: float) -> RoundRecord:
         """What the round fed, chose and cost (sybil.round_log)."""
-        dec, drafter = self.dec, self.drafter
+        dec = self.dec
         live = [b for b, r in enumerate(rounds) if r is not None]
         drafted = sum(len(rounds[b].drafts) for b in live)
         catchup = drafted > 0  # as in _learn: a drafter's catch-up counts in rounds that draft
-        return round_record(self.rounds, now - self.start, [windows[b] or 0 for b in live], dec.prefilled,
-                            drafted, sum(rounds[b].n_accepted for b in live), sum(len(c.tokens) for c in done),
-                            dec.verify_s, dec.draft_s, getattr(drafter, "catchup_tokens", 0) if catchup else 0,
-                            getattr(drafter, "catchup_s", 0.0) if catchup else 0.0)
+        return RoundRecord(
+            round=self.rounds, t_s=now - self.start, windows=[windows[b] or 0 for b in live],
+            prefill_tokens=dec.prefilled, drafted=drafted, accepted=sum(rounds[b].n_accepted for b in live),
+            committed=sum(len(c.tokens) for c in done), verify_s=dec.verify_s, draft_s=dec.draft_s,
+            catchup_tokens=getattr(self.drafter, "catchup_tokens", 0) if catchup else 0,
+            catchup_s=getattr(self.drafter, "catchup_s", 0.0) if catchup else 0.0)
 
     def _windows(self, decoding: list[bool]) -> list[int | None]:
         """Each slot's draft window this round; None for a free slot. Never past a row's

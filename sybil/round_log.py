@@ -19,22 +19,38 @@ and prompt chunks); `draft_ms` includes the catch-up forwards, also given apart.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from sybil.errors import SybilError
 
 
-def round_record(n: int, t_s: float, windows: list[int], prefill_tokens: int, drafted: int, accepted: int,
-                 committed: int, verify_s: float, draft_s: float, catchup_tokens: int, catchup_s: float) -> dict:
-    """The line for one round (times in ms, rounded to 0.1 ms)."""
-    return {
-        "round": n, "t_s": round(t_s, 3), "rows": len(windows), "prefill_tokens": prefill_tokens,
-        "windows": windows, "tokens": len(windows) + drafted + prefill_tokens,
-        "drafted": drafted, "accepted": accepted, "committed": committed,
-        "verify_ms": round(1000 * verify_s, 1), "draft_ms": round(1000 * draft_s, 1),
-        "catchup_tokens": catchup_tokens, "catchup_ms": round(1000 * catchup_s, 1),
-    }
+@dataclass
+class RoundRecord:
+    """What one round fed, chose and cost (seconds here, milliseconds in the line)."""
+
+    round: int
+    t_s: float  # since the Batch was made
+    windows: list[int]  # each decoding row's chosen window, in slot order
+    prefill_tokens: int
+    drafted: int
+    accepted: int
+    committed: int
+    verify_s: float
+    draft_s: float  # catch-ups included
+    catchup_tokens: int
+    catchup_s: float
+
+    def line(self) -> str:
+        return json.dumps({
+            "round": self.round, "t_s": round(self.t_s, 3), "rows": len(self.windows),
+            "prefill_tokens": self.prefill_tokens, "windows": self.windows,
+            "tokens": len(self.windows) + self.drafted + self.prefill_tokens,
+            "drafted": self.drafted, "accepted": self.accepted, "committed": self.committed,
+            "verify_ms": round(1000 * self.verify_s, 1), "draft_ms": round(1000 * self.draft_s, 1),
+            "catchup_tokens": self.catchup_tokens, "catchup_ms": round(1000 * self.catchup_s, 1),
+        })
 
 
 class RoundLog:
@@ -47,8 +63,8 @@ class RoundLog:
         except OSError as e:
             raise SybilError(f"cannot write --round-log {path}: {e.strerror}") from None
 
-    def __call__(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+    def __call__(self, record: RoundRecord) -> None:
+        self.file.write(record.line() + "\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from sybil.engine import Batch, Generation, make_drafter
 from sybil.errors import SybilError
 from sybil.logprobs import TokenLogprob
 from sybil.model import GPT
+from sybil.round_log import RoundRecord
 from sybil.sampling import SamplingParams
 
 
@@ -80,7 +81,7 @@ class Scheduler:
         draft_vocab: int | None = None,
         prefill_chunk: int | str | None = "auto",
         prompt_cache: bool = True,
-        round_log: Callable[[dict], None] | None = None,
+        round_log: Callable[[RoundRecord], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SybilError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
