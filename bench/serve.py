@@ -160,11 +160,13 @@ def _drain(stream) -> None:
         pass
 
 
-def start_worker(args, with_draft: bool, chunk: str = "auto", cache: bool = True) -> tuple[subprocess.Popen, str]:
+def start_worker(args, with_draft: bool, chunk: str = "auto", cache: bool = True, round_log: Path | None = None
+                 ) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "bench.serve", "--worker", "--target", args.target, "--weights", args.weights,
            "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens),
            "--prompts", str(args.prompts), "--k", str(args.k), "--draft-quantize", args.draft_quantize,
            "--prefill-chunk", str(chunk), "--quantize", args.quantize] + ([] if cache else ["--no-prompt-cache"])
+    cmd += ["--round-log", str(round_log)] if round_log else []
     cmd += ["--draft", args.draft if with_draft else "none", "--simulate-acceptance", str(args.simulate_acceptance)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -184,6 +186,7 @@ def worker(args) -> int:
 
     from sybil import generate
     from sybil.loader import load_model, resolve_device, resolve_draft_quantize, resolve_dtype
+    from sybil.round_log import RoundLog
     from sybil.scheduler import Scheduler
     from sybil.serve import bind, serve
 
@@ -215,7 +218,8 @@ def worker(args) -> int:
     chunk = None if args.prefill_chunk == "0" else args.prefill_chunk if args.prefill_chunk == "auto" else int(
         args.prefill_chunk)
     scheduler = Scheduler(target, draft, args.k if args.k == "auto" else int(args.k), args.max_batch, 4 * args.max_batch,
-                          prefill_chunk=chunk, prompt_cache=not args.no_prompt_cache)
+                          prefill_chunk=chunk, prompt_cache=not args.no_prompt_cache,
+                          round_log=RoundLog(args.round_log) if args.round_log else None)
     label += f", prefill chunk {args.prefill_chunk}" + (", no prompt cache" if args.no_prompt_cache else "")
     serve(scheduler, args.target, bind("127.0.0.1", 0), 1.0, f"{args.target} ({args.weights} weights{label})")
     return 0
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform workload: run each level N times, the setups taking turns, and pool the "
                         "runs into its row (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--round-log", type=Path, default=None, metavar="DIR",
+                   help="each Sybil server's rounds (sybil.round_log) into DIR/<setup>.jsonl (none, sequential, "
+                        "draft; the worker is given its file)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-prompt-cache", action="store_true", help=argparse.SUPPRESS)  # the worker's
     return p
@@ -487,6 +494,11 @@ def run(args: argparse.Namespace) -> int:
         raise SybilError("--simulate-acceptance must be between 0 and 1")
     if args.duration is not None and args.duration <= 0:
         raise SybilError("--duration must be a positive number of seconds")
+    if args.round_log:
+        try:
+            args.round_log.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SybilError(f"cannot make --round-log {args.round_log}: {e.strerror}") from None
     if args.workload == "cache":
         return run_cache(args)
     mixed_load = args.workload == "mixed" or args.duration is not None
@@ -509,7 +521,8 @@ def run(args: argparse.Namespace) -> int:
             if name == "llama-server":
                 proc, url, peer = start_llama_server(args)
             elif url is None:
-                proc, url = start_worker(args, with_draft=name == "draft", chunk=chunk)
+                proc, url = start_worker(args, with_draft=name == "draft", chunk=chunk,
+                                         round_log=args.round_log / f"{name}.jsonl" if args.round_log else None)
             servers.append((name, _label(name, args, simulated), url, proc, peer))
             with httpx.Client() as c:
                 one_request(c, url, prompts[0], 4)  # warm-up

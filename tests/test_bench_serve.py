@@ -26,10 +26,15 @@ def test_a_small_run_reports_every_level_with_and_without_the_draft(tiny, tmp_pa
     target, draft = tiny
     out = tmp_path / "serve.json"
     r = _bench("--target", str(target), "--draft", str(draft), "--concurrency", "1,3", "--max-tokens", "6",
-               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--k", "2", "--repeat", "2", "--json", str(out))
+               "--requests-per-client", "2", "--prompts", "4", "--max-batch", "4", "--k", "2", "--repeat", "2", "--json", str(out),
+               "--round-log", str(tmp_path / "rounds"))
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(out.read_text())
     rows = rec["rows"]
+    for setup, mine in (("none", rows[:2]), ("draft", rows[2:])):  # each server's rounds: its rows' tokens + a warm-up's 4
+        log = [json.loads(line) for line in (tmp_path / "rounds" / f"{setup}.jsonl").read_text().splitlines()]
+        assert sum(r["committed"] for r in log) == sum(row["tokens"] for row in mine) + 4
+        assert any(r["drafted"] for r in log) == (setup == "draft")
     assert [(row["concurrency"], "SIMULATED" in row["draft"]) for row in rows] == [
         (1, False), (3, False), (1, True), (3, True)]
     for row in rows:
