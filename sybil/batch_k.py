@@ -188,15 +188,21 @@ class BatchK:
         per = self.catchup_token_s if self.catchup_token_s is not None else self.draft.coefficients()[1]
         return per * lag / max(1.0, (room + 1) / expected_tokens(self.alpha(slot), k))
 
+    def cost_s(self, ks: dict[int, int], extra_tokens: int = 0) -> float:
+        """The predicted seconds of a round with windows ks: its target forward and its
+        draft steps (catch-ups apart)."""
+        tokens = sum(1 + k for k in ks.values()) + extra_tokens
+        steps = max(ks.values(), default=0)
+        drafting = sum(k > 0 for k in ks.values())
+        return self.verify_s(tokens) + (steps * self.draft_s(drafting) if steps else 0.0)
+
     def rate(self, ks: dict[int, int], extra_tokens: int = 0, lags: dict[int, int] | None = None,
              rooms: dict[int, int] | None = None) -> float:
         """Expected committed tokens per second of a round with windows ks (slot -> k);
         lags and rooms: each row's draft-cache lag (what drafting it would first feed) and
         the most drafts it may carry (how long it goes on)."""
-        tokens = sum(1 + k for k in ks.values()) + extra_tokens
+        cost = self.cost_s(ks, extra_tokens)
         steps = max(ks.values(), default=0)
-        drafting = sum(k > 0 for k in ks.values())
-        cost = self.verify_s(tokens) + (steps * self.draft_s(drafting) if steps else 0.0)
         if lags and steps:
             cost += sum(self.catchup_s(b, k, lags.get(b, 0), (rooms or {}).get(b, k)) for b, k in ks.items())
         return sum(expected_tokens(self.alpha(b), k) for b, k in ks.items()) / max(cost, 1e-9)

@@ -519,6 +519,7 @@ class Batch:
         self.on_round: Callable[[RoundRecord], None] | None = None  # gets each round's record (sybil.round_log)
         self.rounds = 0
         self.start = time.perf_counter()
+        self._predicted: tuple[float, float] | None = None  # the controller's (chosen, plain) round seconds
 
     @property
     def active(self) -> int:
@@ -587,6 +588,7 @@ class Batch:
         self.rounds += 1
         if self.on_round is not None:
             self.on_round(self._record(windows, rounds, done, now))
+            self._predicted = None
         return done
 
     def _record(self, windows: list[int | None], rounds: list[Round | None], done: list[Committed],
@@ -601,7 +603,9 @@ class Batch:
             prefill_tokens=dec.prefilled, drafted=drafted, accepted=sum(rounds[b].n_accepted for b in live),
             committed=sum(len(c.tokens) for c in done), verify_s=dec.verify_s, draft_s=dec.draft_s,
             catchup_tokens=getattr(self.drafter, "catchup_tokens", 0) if catchup else 0,
-            catchup_s=getattr(self.drafter, "catchup_s", 0.0) if catchup else 0.0)
+            catchup_s=getattr(self.drafter, "catchup_s", 0.0) if catchup else 0.0,
+            predicted_s=self._predicted[0] if self._predicted else None,
+            plain_predicted_s=self._predicted[1] if self._predicted else None)
 
     def _windows(self, decoding: list[bool]) -> list[int | None]:
         """Each slot's draft window this round; None for a free slot. Never past a row's
@@ -614,8 +618,11 @@ class Batch:
             live = {b: room for b, room in rooms.items() if decoding[b]}
             models = _models(self.drafter)
             lag = [max(col) for col in zip(*(d.lag(self.dec.seqs) for d in models))] if models else None
-            ks = self.controller.choose(live, sum(len(c) for c in self.dec.pending),
-                                        {b: lag[b] for b in live} if lag else None)
+            extra = sum(len(c) for c in self.dec.pending)
+            ks = self.controller.choose(live, extra, {b: lag[b] for b in live} if lag else None)
+            if self.on_round is not None and self.controller.verify.known:  # what the controller expects, logged
+                self._predicted = (self.controller.cost_s({b: ks.get(b, 0) for b in live}, extra),
+                                   self.controller.cost_s({b: 0 for b in live}, extra))
         elif self.controller is not None:
             k = self.controller.choose(max(rooms.values()))
             ks = {b: min(k, room) for b, room in rooms.items()}

@@ -8,12 +8,17 @@ line says what the round fed, chose and cost:
 
     {"round": 17, "t_s": 4.212, "rows": 3, "prefill_tokens": 0, "windows": [2, 0, 2],
      "tokens": 7, "drafted": 4, "accepted": 3, "committed": 6,
-     "verify_ms": 61.2, "draft_ms": 17.9, "catchup_tokens": 0, "catchup_ms": 0.0}
+     "verify_ms": 61.2, "draft_ms": 17.9, "catchup_tokens": 0, "catchup_ms": 0.0,
+     "predicted_ms": 75.0, "plain_predicted_ms": 48.3}
 
 `windows` holds each decoding row's chosen draft window in slot order (free and
 prefilling slots left out); `drafted` what the drafters proposed (a draft may stop
 short of its window); `tokens` what the target's forward fed (each row's drafts + 1,
-and prompt chunks); `draft_ms` includes the catch-up forwards, also given apart.
+and prompt chunks); `draft_ms` includes the catch-up forwards, also given apart. With
+`--k auto` (sybil.batch_k), `predicted_ms` is what the controller expected the chosen
+windows to cost and `plain_predicted_ms` a plain round of the same rows (both without
+catch-ups; null before its first measurement): set against `verify_ms + draft_ms -
+catchup_ms`, they show where its price of a round is wrong.
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ class RoundRecord:
     draft_s: float  # catch-ups included
     catchup_tokens: int
     catchup_s: float
+    predicted_s: float | None = None  # the batch controller's price of the chosen windows (catch-ups apart)
+    plain_predicted_s: float | None = None  # ... and of a plain round of the same rows
 
     def line(self) -> str:
+        ms = lambda s: None if s is None else round(1000 * s, 1)  # noqa: E731
         return json.dumps({
             "round": self.round, "t_s": round(self.t_s, 3), "rows": len(self.windows),
             "prefill_tokens": self.prefill_tokens, "windows": self.windows,
@@ -50,6 +58,7 @@ class RoundRecord:
             "drafted": self.drafted, "accepted": self.accepted, "committed": self.committed,
             "verify_ms": round(1000 * self.verify_s, 1), "draft_ms": round(1000 * self.draft_s, 1),
             "catchup_tokens": self.catchup_tokens, "catchup_ms": round(1000 * self.catchup_s, 1),
+            "predicted_ms": ms(self.predicted_s), "plain_predicted_ms": ms(self.plain_predicted_s),
         })
 
 

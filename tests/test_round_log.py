@@ -74,3 +74,22 @@ def test_an_unwritable_round_log_is_a_one_line_error(tmp_path, capsys):
 
     code, err = run_main(main, ["--port", "0", "--round-log", str(tmp_path / "no" / "such" / "dir" / "log.jsonl")], capsys)
     assert code == 2 and len(err) == 1 and "--round-log" in err[0]
+
+
+def test_with_k_auto_each_round_carries_the_controllers_price(models, tmp_path):
+    """The batch controller's expected seconds for the chosen windows and for a plain
+    round of the same rows: equal exactly when no row drafts, higher when one does."""
+    target, draft = models
+    batch = Batch(target, 3, 128, make_drafter(draft, target, SamplingParams(), 128, 3, False), k="auto")
+    recs = []
+    batch.on_round = lambda rec: recs.append(json.loads(rec.line()))
+    for b, p in enumerate(([5, 6, 7], [40, 41, 42, 43], [9])):
+        batch.add(b, Generation(prompt_ids=p), 30, SamplingParams(), None, stop_at_eos=False)
+    while batch.active:
+        batch.step()
+    assert recs[0]["predicted_ms"] is None  # the first round measures; nothing is priced yet
+    priced = [r for r in recs if r["predicted_ms"] is not None]
+    assert len(priced) == len(recs) - 1 and any(sum(r["windows"]) for r in priced)
+    for r in priced:
+        assert (r["predicted_ms"] == r["plain_predicted_ms"]) == (sum(r["windows"]) == 0)
+        assert r["predicted_ms"] >= r["plain_predicted_ms"] > 0
