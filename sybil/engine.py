@@ -597,15 +597,21 @@ class Batch:
         dec = self.dec
         live = [b for b, r in enumerate(rounds) if r is not None]
         drafted = sum(len(rounds[b].drafts) for b in live)
-        catchup = drafted > 0  # as in _learn: a drafter's catch-up counts in rounds that draft
+        catchup_tokens, catchup_s = self._catchup(drafted > 0)
         return RoundRecord(
             round=self.rounds, t_s=now - self.start, windows=[windows[b] or 0 for b in live],
             prefill_tokens=dec.prefilled, drafted=drafted, accepted=sum(rounds[b].n_accepted for b in live),
             committed=sum(len(c.tokens) for c in done), verify_s=dec.verify_s, draft_s=dec.draft_s,
-            catchup_tokens=getattr(self.drafter, "catchup_tokens", 0) if catchup else 0,
-            catchup_s=getattr(self.drafter, "catchup_s", 0.0) if catchup else 0.0,
+            catchup_tokens=catchup_tokens, catchup_s=catchup_s,
             predicted_s=self._predicted[0] if self._predicted else None,
             plain_predicted_s=self._predicted[1] if self._predicted else None)
+
+    def _catchup(self, drafted: bool) -> tuple[int, float]:
+        """(tokens, seconds) of the drafter's catch-up forwards this round; they count
+        only in a round that drafts (a plain round's draft state is left as it was)."""
+        if not drafted:
+            return 0, 0.0
+        return getattr(self.drafter, "catchup_tokens", 0), getattr(self.drafter, "catchup_s", 0.0)
 
     def _windows(self, decoding: list[bool]) -> list[int | None]:
         """Each slot's draft window this round; None for a free slot. Never past a row's
@@ -642,12 +648,11 @@ class Batch:
         # A catch-up forward (a new prompt, or tokens the draft missed during plain
         # steps) is paid once, not per draft token: it stays out of the step estimate.
         steps = max(len(r.drafts) for r in done.values())
-        catchup = getattr(self.drafter, "catchup_s", 0.0) if steps else 0.0
+        catchup_tokens, catchup = self._catchup(steps > 0)
         if isinstance(self.controller, BatchK):
             tokens = sum(1 + len(r.drafts) for r in done.values()) + dec.prefilled
             self.controller.update({b: (len(r.drafts), r.n_accepted) for b, r in done.items()}, tokens,
-                                   dec.verify_s, steps, dec.draft_s - catchup,
-                                   getattr(self.drafter, "catchup_tokens", 0) if steps else 0, catchup)
+                                   dec.verify_s, steps, dec.draft_s - catchup, catchup_tokens, catchup)
         elif not dec.prefilled:  # a prompt chunk's time is not a verify's
             self.controller.update(
                 sum(len(r.drafts) for r in done.values()), sum(r.n_accepted for r in done.values()),

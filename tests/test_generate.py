@@ -74,11 +74,8 @@ def test_eos_stops_generation_and_is_reported(eos_checkpoint):
 def test_bad_input_is_one_line_and_exit_2(small, args, message, capsys):
     from sybil.generate import main
 
-    try:
-        code = main(["--model", small, *args])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("sybil: dtype")]
+    code, lines = run_main(main, ["--model", small, *args], capsys)
+    err = [line for line in lines if not line.startswith("sybil: dtype")]
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
 
