@@ -198,6 +198,10 @@ class Decoder:
         """Whether the slot's prompt is still being fed (no token of it committed yet)."""
         return bool(self.pending[slot])
 
+    def chunk_tokens(self) -> int:
+        """How many prompt tokens the next round feeds (its chunks, all slots together)."""
+        return min(self.chunk or 0, sum(len(self.pending[b]) for b in self.joined))
+
     def _chunks(self) -> list[list[int]]:
         """This round's prompt tokens per slot, self.chunk in all. Shortest remaining first
         (the order that minimises the mean time to first token), each round a prompt
@@ -624,7 +628,7 @@ class Batch:
             live = {b: room for b, room in rooms.items() if decoding[b]}
             models = _models(self.drafter)
             lag = [max(col) for col in zip(*(d.lag(self.dec.seqs) for d in models))] if models else None
-            extra = sum(len(c) for c in self.dec.pending)
+            extra = self.dec.chunk_tokens()  # what the round feeds, not all that waits
             ks = self.controller.choose(live, extra, {b: lag[b] for b in live} if lag else None)
             if self.on_round is not None and self.controller.verify.known:  # what the controller expects, logged
                 self._predicted = (self.controller.cost_s({b: ks.get(b, 0) for b in live}, extra),

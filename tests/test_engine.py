@@ -6,7 +6,7 @@ import torch
 import sybil
 from conftest import hf_model, noisy_copy
 from sybil.adaptive import AdaptiveK
-from sybil.engine import Batch, Decoder
+from sybil.engine import Batch, Decoder, Generation
 from sybil.errors import SybilError
 from sybil.kv_cache import KVCache
 from sybil.drafters import ModelDrafter
@@ -395,6 +395,28 @@ def test_a_chunked_prompt_never_stalls_the_running_rows_and_writes_a_fresh_prefi
     batch.add(1, Generation(prompt_ids=long_prompt), 3, SamplingParams(), None, stop_at_eos=False)
     batch.remove(1)
     assert not batch.dec.prefilling(1) and batch.dec.joined == []
+
+
+def test_k_auto_prices_each_round_with_the_prompt_tokens_it_feeds(spec):
+    """The batch controller is told the prompt tokens a round feeds beside the decoding
+    rows (its chunk), not all those still waiting: with all of a long prompt counted, a
+    round's fixed cost looks far larger than it is, and so drafting looks cheap."""
+    target, batch, prompts = _two_slots(spec, True, k="auto", prefill_chunk=4)
+    told = []
+    choose = batch.controller.choose
+    batch.controller.choose = lambda rooms, extra=0, lags=None: told.append(extra) or choose(rooms, extra, lags)
+    running = Generation(prompt_ids=prompts[0])
+    batch.add(0, running, 40, SamplingParams(), None, stop_at_eos=False)
+    fed, steps = [], 0
+    while batch.active:
+        if steps == 6:
+            batch.add(1, Generation(prompt_ids=prompts[1] + prompts[2] + prompts[3]), 3, SamplingParams(), None,
+                      stop_at_eos=False)
+        batch.step()
+        fed.append(batch.dec.prefilled)
+        steps += 1
+    assert len(told) == len(fed) and told == fed
+    assert sum(1 for n in fed[6:] if n == 4) >= 3  # the long prompt took several full chunks
 
 
 def test_a_removed_row_frees_its_slot_and_leaves_the_others_alone(spec):
