@@ -185,7 +185,9 @@ class BatchK:
         rounds of drafting it enables: its tokens left over E(a, k)."""
         if lag <= 2 or not k:
             return 0.0
-        per = self.catchup_token_s if self.catchup_token_s is not None else self.draft.coefficients()[1]
+        per = self.catchup_token_s
+        if per is None:  # none run yet: a draft step's cost per row (nothing before a step is measured)
+            per = self.draft.coefficients()[1] if self.draft.known else 0.0
         return per * lag / max(1.0, (room + 1) / expected_tokens(self.alpha(slot), k))
 
     def cost_s(self, ks: dict[int, int], extra_tokens: int = 0) -> float:
@@ -201,11 +203,18 @@ class BatchK:
         """Expected committed tokens per second of a round with windows ks (slot -> k);
         lags and rooms: each row's draft-cache lag (what drafting it would first feed) and
         the most drafts it may carry (how long it goes on)."""
-        cost = self.cost_s(ks, extra_tokens)
-        steps = max(ks.values(), default=0)
-        if lags and steps:
-            cost += sum(self.catchup_s(b, k, lags.get(b, 0), (rooms or {}).get(b, k)) for b, k in ks.items())
-        return sum(expected_tokens(self.alpha(b), k) for b, k in ks.items()) / max(cost, 1e-9)
+        cost = self.cost_s(ks, extra_tokens) + self.catchups_s(ks, lags, rooms)
+        return self.expected(ks) / max(cost, 1e-9)
+
+    def expected(self, ks: dict[int, int]) -> float:
+        """The tokens a round with windows ks is expected to commit."""
+        return sum(expected_tokens(self.alpha(b), k) for b, k in ks.items())
+
+    def catchups_s(self, ks: dict[int, int], lags: dict[int, int] | None, rooms: dict[int, int] | None) -> float:
+        """The rows' draft catch-ups, each spread over the rounds it enables (catchup_s)."""
+        if not lags or not max(ks.values(), default=0):
+            return 0.0
+        return sum(self.catchup_s(b, k, lags.get(b, 0), (rooms or {}).get(b, k)) for b, k in ks.items())
 
     # ---- the choice
     def choose(self, rooms: dict[int, int], extra_tokens: int = 0, lags: dict[int, int] | None = None

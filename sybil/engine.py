@@ -26,7 +26,7 @@ from sybil.logprobs import MAX_TOP, TokenLogprob, score
 from sybil.model import GPT
 from sybil.prefill import PrefillBudget
 from sybil.prompt_cache import PromptCache
-from sybil.round_log import RoundRecord
+from sybil.round_log import Prediction, RoundRecord
 from sybil.sampling import SamplingParams, adjust_logits
 from sybil.steps import forward_rows, prefill_row
 from sybil.suffix import SuffixDrafter
@@ -523,7 +523,7 @@ class Batch:
         self.on_round: Callable[[RoundRecord], None] | None = None  # gets each round's record (sybil.round_log)
         self.rounds = 0
         self.start = time.perf_counter()
-        self._predicted: tuple[float, float] | None = None  # the controller's (chosen, plain) round seconds
+        self._predicted: Prediction | None = None  # what the controller expected of this round
 
     @property
     def active(self) -> int:
@@ -607,8 +607,7 @@ class Batch:
             prefill_tokens=dec.prefilled, drafted=drafted, accepted=sum(rounds[b].n_accepted for b in live),
             committed=sum(len(c.tokens) for c in done), verify_s=dec.verify_s, draft_s=dec.draft_s,
             catchup_tokens=catchup_tokens, catchup_s=catchup_s,
-            predicted_s=self._predicted[0] if self._predicted else None,
-            plain_predicted_s=self._predicted[1] if self._predicted else None)
+            predicted=self._predicted)
 
     def _catchup(self, drafted: bool) -> tuple[int, float]:
         """(tokens, seconds) of the drafter's catch-up forwards this round; they count
@@ -631,8 +630,10 @@ class Batch:
             extra = self.dec.chunk_tokens()  # what the round feeds, not all that waits
             ks = self.controller.choose(live, extra, {b: lag[b] for b in live} if lag else None)
             if self.on_round is not None and self.controller.verify.known:  # what the controller expects, logged
-                self._predicted = (self.controller.cost_s({b: ks.get(b, 0) for b in live}, extra),
-                                   self.controller.cost_s({b: 0 for b in live}, extra))
+                chosen, lags = {b: ks.get(b, 0) for b in live}, {b: lag[b] for b in live} if lag else None
+                self._predicted = Prediction(
+                    self.controller.cost_s(chosen, extra), self.controller.cost_s({b: 0 for b in live}, extra),
+                    self.controller.expected(chosen), self.controller.catchups_s(chosen, lags, live))
         elif self.controller is not None:
             k = self.controller.choose(max(rooms.values()))
             ks = {b: min(k, room) for b, room in rooms.items()}

@@ -9,7 +9,8 @@ line says what the round fed, chose and cost:
     {"round": 17, "t_s": 4.212, "rows": 3, "prefill_tokens": 0, "windows": [2, 0, 2],
      "tokens": 7, "drafted": 4, "accepted": 3, "committed": 6,
      "verify_ms": 61.2, "draft_ms": 17.9, "catchup_tokens": 0, "catchup_ms": 0.0,
-     "predicted_ms": 75.0, "plain_predicted_ms": 48.3}
+     "predicted_ms": 75.0, "plain_predicted_ms": 48.3, "predicted_tokens": 5.4,
+     "predicted_catchup_ms": 0.0}
 
 `windows` holds each decoding row's chosen draft window in slot order (free and
 prefilling slots left out); `drafted` what the drafters proposed (a draft may stop
@@ -18,7 +19,11 @@ and prompt chunks); `draft_ms` includes the catch-up forwards, also given apart.
 `--k auto` (sybil.batch_k), `predicted_ms` is what the controller expected the chosen
 windows to cost and `plain_predicted_ms` a plain round of the same rows (both without
 catch-ups; null before its first measurement): set against `verify_ms + draft_ms -
-catchup_ms`, they show where its price of a round is wrong.
+catchup_ms`, they show where its price of a round is wrong; `predicted_tokens` is
+what it expected the round to commit (set against `committed`) and
+`predicted_catchup_ms` the share of draft catch-ups it charged to it. The controller
+drafted because predicted_tokens / (predicted_ms + predicted_catchup_ms) beat rows /
+plain_predicted_ms; the same ratio from what happened says whether that paid.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ from pathlib import Path
 from typing import TextIO
 
 from sybil.errors import SybilError
+
+
+@dataclass
+class Prediction:
+    """What the batch controller (sybil.batch_k) expected of a round, before it ran."""
+
+    seconds: float  # the chosen windows' round, catch-ups apart
+    plain_seconds: float  # a plain round of the same rows
+    tokens: float  # the tokens the chosen windows are expected to commit
+    catchup_seconds: float  # the share of the draft catch-ups it priced into this round
 
 
 @dataclass
@@ -46,11 +61,9 @@ class RoundRecord:
     draft_s: float  # catch-ups included
     catchup_tokens: int
     catchup_s: float
-    predicted_s: float | None = None  # the batch controller's price of the chosen windows (catch-ups apart)
-    plain_predicted_s: float | None = None  # ... and of a plain round of the same rows
+    predicted: Prediction | None = None  # with k="auto"
 
     def line(self) -> str:
-        ms = lambda s: None if s is None else round(1000 * s, 1)  # noqa: E731
         return json.dumps({
             "round": self.round, "t_s": round(self.t_s, 3), "rows": len(self.windows),
             "prefill_tokens": self.prefill_tokens, "windows": self.windows,
@@ -58,8 +71,14 @@ class RoundRecord:
             "drafted": self.drafted, "accepted": self.accepted, "committed": self.committed,
             "verify_ms": round(1000 * self.verify_s, 1), "draft_ms": round(1000 * self.draft_s, 1),
             "catchup_tokens": self.catchup_tokens, "catchup_ms": round(1000 * self.catchup_s, 1),
-            "predicted_ms": ms(self.predicted_s), "plain_predicted_ms": ms(self.plain_predicted_s),
+            **self._predicted(),
         })
+
+    def _predicted(self) -> dict:
+        p, ms = self.predicted, lambda s: None if s is None else round(1000 * s, 1)  # noqa: E731
+        return {"predicted_ms": ms(p and p.seconds), "plain_predicted_ms": ms(p and p.plain_seconds),
+                "predicted_tokens": None if p is None else round(p.tokens, 2),
+                "predicted_catchup_ms": ms(p and p.catchup_seconds)}
 
 
 class RoundLog:

@@ -93,3 +93,7 @@ def test_with_k_auto_each_round_carries_the_controllers_price(models, tmp_path):
     for r in priced:
         assert (r["predicted_ms"] == r["plain_predicted_ms"]) == (sum(r["windows"]) == 0)
         assert r["predicted_ms"] >= r["plain_predicted_ms"] > 0
+        # each row commits its accepted drafts + 1: exactly the rows' count when none drafts
+        assert (r["predicted_tokens"] == r["rows"]) == (sum(r["windows"]) == 0)
+        assert r["rows"] <= r["predicted_tokens"] <= r["rows"] + sum(r["windows"])
+        assert r["predicted_catchup_ms"] >= 0 and (sum(r["windows"]) or not r["predicted_catchup_ms"])
