@@ -80,7 +80,7 @@ def test_rows_that_never_land_stop_drafting_and_probe_at_doubling_gaps():
         c.update({0: (k, 0)}, 1 + k, 0.05 + 0.005 * k, 1 if k else 0, 0.005 if k else 0.0)
         if k:
             drafted_rounds.append(i)
-    assert c.alpha(0) < 0.15 and len(drafted_rounds) <= 15
+    assert c.alpha(0) < 0.2 and len(drafted_rounds) <= 15  # it stops after a few misses (sooner with the margin)
     late = [r for r in drafted_rounds if r > 10]  # after the first few rounds: probes only
     gaps = [b - a for a, b in zip(late, late[1:])]
     assert len(late) >= 2 and all(g2 > g1 for g1, g2 in zip(gaps, gaps[1:]))
@@ -172,3 +172,23 @@ def test_a_new_row_probes_at_the_gap_the_rows_before_it_reached():
         c.update({1: (k, 0)}, 1 + k, 0.05 + 0.005 * k, 1 if k else 0, 0.005 if k else 0.0)
         probes += [i] if k else []
     assert c.probe_gap >= 128 and probes == []
+
+
+def test_a_round_drafts_only_where_it_beats_a_plain_round_by_the_margin():
+    """Rounds of 4 rows or more realized about 0.08 less than the gain the controller
+    predicted (the round log at 4 and 8 clients): a predicted gain within that is a plain
+    round. Without the margin the same controller drafts there."""
+    rooms = {b: 50 for b in range(8)}
+    plain = {b: 0 for b in rooms}
+    only_without = 0
+    for alpha in [0.3 + 0.025 * i for i in range(27)]:
+        with_margin, without = _trained(per_token_s=0.012), _trained(per_token_s=0.012)
+        without.margin = 0.0
+        for c in (with_margin, without):
+            for b in rooms:
+                _set_alpha(c, b, alpha)
+        ks, ks0 = with_margin.choose(rooms), without.choose(rooms)
+        if any(ks.values()):
+            assert with_margin.rate(ks) >= (1 + BatchK.MARGIN) * with_margin.rate(plain)
+        only_without += any(ks0.values()) and not any(ks.values())
+    assert only_without >= 1
