@@ -628,9 +628,10 @@ class Batch:
             models = _models(self.drafter)
             lag = [max(col) for col in zip(*(d.lag(self.dec.seqs) for d in models))] if models else None
             extra = self.dec.chunk_tokens()  # what the round feeds, not all that waits
-            ks = self.controller.choose(live, extra, {b: lag[b] for b in live} if lag else None)
+            lags = {b: lag[b] for b in live} if lag else None
+            ks = self.controller.choose(live, extra, lags)
             if self.on_round is not None and self.controller.verify.known:  # what the controller expects, logged
-                chosen, lags = {b: ks.get(b, 0) for b in live}, {b: lag[b] for b in live} if lag else None
+                chosen = {b: ks.get(b, 0) for b in live}
                 self._predicted = Prediction(
                     self.controller.cost_s(chosen, extra), self.controller.cost_s({b: 0 for b in live}, extra),
                     self.controller.expected(chosen), self.controller.catchups_s(chosen, lags, live))
