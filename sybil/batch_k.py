@@ -28,7 +28,7 @@ drafting while the others go on), on top of the pooled acceptance of all rows
 catch-up per round). A row that has not drafted for a while probes with one token, at
 gaps that double while probes find nothing, one row per round, and only where drafting
 would pay if the row agreed: when the batch's cost is what rules drafting out, a probe
-would learn nothing. A window must beat a plain round by MARGIN to be chosen: the
+would learn nothing. A window (probes apart) must beat a plain round by MARGIN to be chosen: the
 round logs found rounds of several rows realizing about 0.08 less than the gain
 predicted. When no window pays, every row gets 0 and the round is a plain
 step of the batch: no draft forward runs at all.

@@ -75,10 +75,12 @@ class RoundRecord:
         })
 
     def _predicted(self) -> dict:
-        p, ms = self.predicted, lambda s: None if s is None else round(1000 * s, 1)  # noqa: E731
-        return {"predicted_ms": ms(p and p.seconds), "plain_predicted_ms": ms(p and p.plain_seconds),
-                "predicted_tokens": None if p is None else round(p.tokens, 2),
-                "predicted_catchup_ms": ms(p and p.catchup_seconds)}
+        keys = ("predicted_ms", "plain_predicted_ms", "predicted_tokens", "predicted_catchup_ms")
+        p = self.predicted
+        if p is None:
+            return dict.fromkeys(keys)
+        values = (1000 * p.seconds, 1000 * p.plain_seconds, p.tokens, 1000 * p.catchup_seconds)
+        return {k: round(v, 2 if k == "predicted_tokens" else 1) for k, v in zip(keys, values)}
 
 
 class RoundLog:
