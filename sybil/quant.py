@@ -27,10 +27,30 @@ QK = 32  # columns per quantization block (activations, and int4 weight groups)
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (the paper's default for OPT/BLOOM)
 
 
+ROW_CHUNK = 256  # output rows quantized at a time (a multiple of 8, the packed blocks' height)
+
+
+def _by_rows(fn, weight: torch.Tensor):
+    """fn over ROW_CHUNK output rows at a time, the results concatenated along rows.
+    Every format here treats a row (a block of 8 rows) on its own, so the bits are those
+    of one call; but a chunk's float temporaries stay in cache, where a whole matrix's
+    (gpt2-medium's c_fc: 16 MB a pass, five passes) go through memory and fault in fresh
+    pages. gpt2-medium's weights, 2-core Zen 3, three alternating processes each: int8
+    0.78-1.20 s whole, 0.35-0.61 s in chunks; int4 1.89-2.38 s and 1.06-1.22 s."""
+    parts = [fn(weight[i : i + ROW_CHUNK]) for i in range(0, weight.shape[0], ROW_CHUNK)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] float32), weight ~ q * scale."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return _by_rows(_quantize_int8_rows, weight.detach())
+
+
+def _quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -79,7 +99,12 @@ def quantize_q4(weight: torch.Tensor) -> torch.Tensor:
     _check_k(k, "int4")
     if n % 8:
         raise ValueError(f"int4 needs a multiple of 8 output channels, got {n}")
-    w = weight.detach().float().view(n, k // QK, QK)  # [N, G, 32]
+    return _by_rows(_quantize_q4_rows, weight.detach())
+
+
+def _quantize_q4_rows(weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // QK, QK)  # [N, G, 32]
     idx = w.abs().argmax(-1, keepdim=True)
     d = (w.gather(-1, idx) / -8.0).half()  # [N, G, 1]
     df = d.float()
