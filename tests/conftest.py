@@ -71,6 +71,7 @@ def run_main(main, argv: list[str], capsys) -> tuple[int, list[str]]:
     """A command line's main(argv) in this process: (exit status, its stderr lines).
     The same parser and run() as `python -m ...`, without a fresh interpreter and torch
     import per case; each command keeps one bad-input test in a real process too."""
+    capsys.readouterr()  # only this command's lines (not a fixture's written on first use)
     try:
         code = main(list(argv))
     except SystemExit as e:  # argparse's own errors
