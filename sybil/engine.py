@@ -520,6 +520,8 @@ class Batch:
         self.dec = Decoder(model, slots, max_len, drafter, graphs, PrefillBudget.FIRST if self.prefill else None)
         self.rows: list[_Row | None] = [None] * slots
         self.cached_tokens = 0  # prompt tokens taken from the slots' earlier sequences, in all
+        self.adds = 0
+        self.last_add = [0] * slots  # when each slot last took a row (self.adds then; 0: never)
         self.on_round: Callable[[RoundRecord], None] | None = None  # gets each round's record (sybil.round_log)
         self.rounds = 0
         self.start = time.perf_counter()
@@ -542,8 +544,10 @@ class Batch:
     def best_slot(self, prompt: list[int], among: list[int]) -> int:
         """Of the free slots `among`, the one whose earlier sequence shares the longest
         prefix with prompt (its entries are reused, as llama.cpp's server picks slots);
-        the first on a tie."""
-        return max(among, key=lambda b: (self.dec.reusable(b, prompt), -b))
+        on a tie the least recently taken (an empty one first), so that a prompt sharing
+        nothing overwrites the oldest sequence, not the one that just ended: one client
+        alternating two prompts finds each still cached. Then the first."""
+        return max(among, key=lambda b: (self.dec.reusable(b, prompt), -self.last_add[b], -b))
 
     def add(
         self, slot: int, out: Generation, max_new: int, params: SamplingParams, seed: int | None,
@@ -559,6 +563,8 @@ class Batch:
         if seed is None and not params.greedy:
             seed = secrets.randbits(63)  # unseeded sampling: a fresh seed, the same rule
         out.prompt_logprobs = self.dec.add(slot, out.prompt_ids, params, seed, logprobs, prompt_logprobs)
+        self.adds += 1
+        self.last_add[slot] = self.adds
         out.logprobs = [] if logprobs is not None else None
         self.cached_tokens += self.dec.cached
         row = _Row(out, max_new, stop_at_eos, _Telemetry(self.k_max), start, self.dec.cached)

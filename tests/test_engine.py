@@ -536,8 +536,24 @@ def test_a_request_goes_to_the_free_slot_holding_most_of_its_prompt(spec):
     for slot in (0, 1):
         _finish(batch, slot, prompts[slot] * 2, 4)
     assert batch.best_slot(prompts[1] * 2 + prompts[3], [0, 1, 2]) == 1
-    assert batch.best_slot(prompts[4], [0, 1, 2]) == 0  # nothing shared: the first free slot
-    assert batch.best_slot(prompts[1] * 2, [0, 2]) == 0
+    assert batch.best_slot(prompts[4], [0, 1, 2]) == 2  # nothing shared: the slot that holds nothing
+    assert batch.best_slot(prompts[4], [0, 1]) == 0  # then the one taken longest ago
+    assert batch.best_slot(prompts[1] * 2, [0, 2]) == 2  # nothing shared with 0 either: the empty one
+    _finish(batch, 0, prompts[5], 4)
+    assert batch.best_slot(prompts[4], [0, 1]) == 1
+
+
+def test_one_client_alternating_two_prompts_finds_each_cached(spec):
+    """Each request to the free slot best_slot picks, as the server's scheduler does: a
+    prompt sharing nothing must not evict the sequence that just ended."""
+    path, _, _, prompts, _ = spec
+    batch = Batch(sybil.load_model(path), 2, 128)
+    a, b = prompts[0] + prompts[1], prompts[2] + prompts[3]
+    cached = []
+    for prompt in (a, b, a, b, a):
+        out = _finish(batch, batch.best_slot(prompt, batch.free_slots()), prompt, 4)
+        cached.append(out.stats["cached_prompt_tokens"])
+    assert cached == [0, 0, len(a) - 1, len(b) - 1, len(a) - 1]
 
 
 @pytest.mark.parametrize("with_draft", [False, True])
