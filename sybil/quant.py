@@ -37,7 +37,7 @@ def _by_rows(fn, weight: torch.Tensor):
     (gpt2-medium's c_fc: 16 MB a pass, five passes) go through memory and fault in fresh
     pages. gpt2-medium's weights, 2-core Zen 3, three alternating processes each: int8
     0.78-1.20 s whole, 0.35-0.61 s in chunks; int4 1.89-2.38 s and 1.06-1.22 s."""
-    parts = [fn(weight[i : i + ROW_CHUNK]) for i in range(0, weight.shape[0], ROW_CHUNK)]
+    parts = [fn(weight[i : i + ROW_CHUNK]) for i in range(0, max(weight.shape[0], 1), ROW_CHUNK)]  # >= 1 part
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
