@@ -88,3 +88,12 @@ def test_rehome_module_moves_buffers_in_place():
     held, before = module.packed, module.packed.clone()  # e.g. Int8Embedding holds its head's buffer
     assert memory.rehome_module(module) == 2 << 20
     assert module.packed is held and torch.equal(held, before) and _advised(held)
+
+
+@needs_thp
+def test_rehome_module_leaves_what_skip_names(monkeypatch):
+    monkeypatch.setattr(memory, "MIN_BYTES", 4096)
+    module = torch.nn.Linear(64, 64)  # a 16 KiB weight; the bias stays small
+    ptr = module.weight.data_ptr()
+    assert memory.rehome_module(module, skip={ptr}) == 0 and module.weight.data_ptr() == ptr
+    assert memory.rehome_module(module) == 64 * 64 * 4 and _advised(module.weight)
