@@ -174,9 +174,8 @@ def load_checkpoint(
         # Float weights on the CPU go into 2 MiB pages (sybil.memory says why) as they are
         # read, transposed in the same copy: one copy of the model, not a transposed one and
         # then a rehomed one (float32 gpt2-medium, four loads in one process, 2-core Zen 3:
-        # 0.73-1.25 s against 1.44-2.33 s). Those are not moved again.
+        # 0.73-1.25 s against 1.44-2.33 s). Quantized weights are rehomed as they are made.
         home = quantize is None and torch.device(device).type == "cpu"
-        homed: set[int] = set()
         for key, full in keys.items():
             action = key_action(key)
             if action == "drop":
@@ -188,16 +187,9 @@ def load_checkpoint(
             shape = shapes[key][::-1] if action == "transpose" else shapes[key]
             if shape != expected[key]:
                 raise SybilError(f"tensor {full!r} has shape {shapes[key]}, expected {expected[key]} for this config")
-            t = f.get_tensor(full)
-            if home and t.dtype == dtype:
-                view = t.t() if action == "transpose" else t
-                placed = memory.rehome(view)
-                if placed is not view:
-                    homed.add(placed.data_ptr())
-                state[key] = placed.contiguous()
-            else:
-                t = t.to(dtype)
-                state[key] = t.t().contiguous() if action == "transpose" else t
+            t = f.get_tensor(full).to(dtype)  # no copy where the dtype is the checkpoint's
+            t = t.t() if action == "transpose" else t
+            state[key] = (memory.rehome(t) if home else t).contiguous()
         missing = sorted(set(expected) - set(state))
         if missing:
             raise SybilError(f"checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
@@ -211,8 +203,6 @@ def load_checkpoint(
             model.quantize(quantize)  # its quantized weights are made in 2 MiB pages
         except ValueError as e:  # a shape the format cannot hold
             raise SybilError(str(e)) from None
-    elif torch.device(device).type == "cpu":
-        memory.rehome_module(model, skip=homed)  # the rest in 2 MiB pages too
     return model.to(device).eval()
 
 

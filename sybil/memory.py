@@ -73,12 +73,11 @@ def rehome(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rehome_module(module: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> int:
+def rehome_module(module: nn.Module) -> int:
     """Move every large CPU parameter and buffer of module into huge pages, one at a time
-    (so the peak is one tensor more, not a second model), except those whose data starts
-    at an address in skip (already rehomed). Each tensor keeps its identity (its data is
-    swapped in place), so tied parameters stay tied and every holder of a buffer sees
-    the new data. Returns the bytes moved."""
+    (so the peak is one tensor more, not a second model). Each tensor keeps its identity
+    (its data is swapped in place), so tied parameters stay tied and every holder of a
+    buffer sees the new data. Returns the bytes moved."""
     moved = 0
     seen: set[int] = set()
     for sub in module.modules():
@@ -87,8 +86,6 @@ def rehome_module(module: nn.Module, skip: set[int] | frozenset[int] = frozenset
                 continue
             seen.add(id(t))
             data = t.data  # a new tensor object on every access: compare against one
-            if data.data_ptr() in skip:
-                continue
             new = rehome(data)
             if new is not data:
                 t.data = new

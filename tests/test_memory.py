@@ -64,10 +64,10 @@ def test_rehome_module_keeps_ties_and_outputs(monkeypatch):
 
 
 @needs_thp
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_load_model_puts_large_weights_in_huge_page_memory(hf_checkpoint, monkeypatch, quantize):
+@pytest.mark.parametrize("quantize, dtype", [(None, "float32"), (None, "bfloat16"), ("int8", "float32")])
+def test_load_model_puts_large_weights_in_huge_page_memory(hf_checkpoint, monkeypatch, quantize, dtype):
     monkeypatch.setattr(memory, "MIN_BYTES", 4096)
-    model = sybil.load_model(hf_checkpoint("small"), quantize=quantize)
+    model = sybil.load_model(hf_checkpoint("small"), dtype, quantize=quantize)
     weights = [model.lm_head.packed if quantize else model.lm_head.weight, model.h[0].mlp.c_fc.weight
                if not quantize else model.h[0].mlp.c_fc.packed]
     assert all(_advised(w) for w in weights)
@@ -88,12 +88,3 @@ def test_rehome_module_moves_buffers_in_place():
     held, before = module.packed, module.packed.clone()  # e.g. Int8Embedding holds its head's buffer
     assert memory.rehome_module(module) == 2 << 20
     assert module.packed is held and torch.equal(held, before) and _advised(held)
-
-
-@needs_thp
-def test_rehome_module_leaves_what_skip_names(monkeypatch):
-    monkeypatch.setattr(memory, "MIN_BYTES", 4096)
-    module = torch.nn.Linear(64, 64)  # a 16 KiB weight; the bias stays small
-    ptr = module.weight.data_ptr()
-    assert memory.rehome_module(module, skip={ptr}) == 0 and module.weight.data_ptr() == ptr
-    assert memory.rehome_module(module) == 64 * 64 * 4 and _advised(module.weight)
