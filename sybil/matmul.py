@@ -87,7 +87,7 @@ def linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
 
 
 def linear_q8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (q * scale).T + bias for a q8 weight [N8, K/32, 8, 32] (sybil.quant), in
+    """x @ (q * scale).T + bias for a q8 weight [N8, K/32, 8, 8, 4] (sybil.quant), in
     integer arithmetic on int8 activations; the result has x's dtype."""
     if use_kernels(x):
         return torch.ops.sybil.linear(x, packed, bias, scale)

@@ -73,21 +73,23 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The int8 rows [len(rows), K] of a packed weight (an embedding lookup): the
-    weight-only layout [N8, K/8, 64] or the q8 one [N8, K/32, 8, 32]."""
-    blocks = packed[rows // 8]  # [R, K/8, 64] or [R, K/32, 8, 32]
-    r = blocks.shape[0]
+    weight-only layout [N8, K/8, 64] or the q8 one [N8, K/32, 8, 8, 4]."""
+    blocks = packed[rows // 8]  # [R, K/8, 64] or [R, K/32, 8 quads, 8 rows, 4]
+    r, at = blocks.shape[0], torch.arange(blocks.shape[0])
+    if blocks.dim() == 5:  # this row's 4 columns of each quad: [R, K/32, 8, 4]
+        return blocks[at, :, :, rows % 8].reshape(r, -1)
     # [R, groups, 8 rows, cols] -> this row's columns of each group -> [R, K]
-    sel = blocks.view(r, blocks.shape[1], 8, -1)[torch.arange(r), :, rows % 8]
-    return sel.reshape(r, -1)
+    return blocks.view(r, blocks.shape[1], 8, -1)[at, :, rows % 8].reshape(r, -1)
 
 
 def pack_q8(q: torch.Tensor) -> torch.Tensor:
-    """Integer-kernel layout: [N, K] int8 -> [ceil(N / 8), K / 32, 8, 32], each block of 8
-    rows one stream of 32-column groups (the operand of one vpmaddubsw per row)."""
+    """Integer-kernel layout: [N, K] int8 -> [ceil(N / 8), K / 32, 8, 8, 4]: for each block
+    of 8 rows (one stream) and group of 32 columns, 8 quads of columns, each holding
+    the 8 rows' 4 columns (the operand of one vpmaddubsw for all 8 rows)."""
     n, k = q.shape
     _check_k(k, "int8")
-    # [N8 * 8, K] -> [N8, 8 rows, K/32, 32] -> [N8, K/32, 8 rows, 32]
-    return _pad_rows(q).view(-1, 8, k // QK, QK).permute(0, 2, 1, 3).contiguous()
+    # [N8 * 8, K] -> [N8, 8 rows, K/32, 8 quads, 4] -> [N8, K/32, 8 quads, 8 rows, 4]
+    return _pad_rows(q).view(-1, 8, k // QK, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def quantize_q4(weight: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sybil
 from conftest import hf_model
@@ -128,22 +129,28 @@ def outlier_checkpoints(hf_checkpoint, tmp_path_factory):
 
 
 def _agreement(ref, q, idx):
+    """(top-1 agreement, max |logit difference|, mean KL(ref || q)) over idx's positions."""
     want, got = ref(idx), q(idx)
     top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    return top1, (got - want).abs().max().item()
+    kl = F.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
+    return top1, (got - want).abs().max().item(), kl
 
 
 @pytest.mark.parametrize("which", ["plain", "outliers"])
 def test_quantized_error_against_float32(outlier_checkpoints, which):
-    """What each path costs in accuracy on a real-shape checkpoint, teacher-forced (256
+    """What each path costs in accuracy on a real-shape checkpoint, teacher-forced (1024
     positions): W8A8 int8 within 2 points of weight-only int8's top-1 agreement, with
-    and without outlier channels; int4 below both but still mostly right."""
+    and without outlier channels, and its mean KL within 2x; int4 below both but still
+    mostly right. (Many of a random model's top-1 choices are near ties that any
+    rounding flips: over 256 positions a change of summation order alone moved int8's
+    agreement by 3 points, its mean KL not at all. Hence 1024 positions, and the KL.)"""
     path = outlier_checkpoints[which]
     ref = sybil.load_model(path)
-    idx = _ids((2, 128), 6)
+    idx = _ids((8, 128), 6)
     got = {mode: _agreement(ref, sybil.load_model(path, quantize=mode), idx) for mode in ("int8wo", "int8", "int4")}
-    print(f"{which}: " + ", ".join(f"{m} top-1 {t:.3f} max |diff| {d:.3f}" for m, (t, d) in got.items()))
+    print(f"{which}: " + ", ".join(f"{m} top-1 {t:.3f} max |diff| {d:.3f} KL {kl:.2e}" for m, (t, d, kl) in got.items()))
     assert got["int8"][0] >= got["int8wo"][0] - 0.02
+    assert got["int8"][2] <= 2 * got["int8wo"][2]
     assert got["int8wo"][0] >= 0.85 and got["int4"][0] >= 0.4
     assert 0 < got["int8wo"][1] < got["int4"][1]
 

@@ -40,7 +40,10 @@ def test_packing_round_trips(n):
 def test_q8_packing_round_trips(n):
     q = torch.randint(-127, 128, (n, 96), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
     packed = quant.pack_q8(q)
-    assert packed.shape == ((n + 7) // 8, 3, 8, 32)
+    assert packed.shape == ((n + 7) // 8, 3, 8, 8, 4)
+    # the kernels' reading: block b, group g, quad j, row r, byte c is q[8b + r, 32g + 4j + c]
+    assert packed[n // 8 - 1, 2, 5, 7, 3] == q[8 * (n // 8 - 1) + 7, 64 + 20 + 3]
+    assert packed[0, 1, 2, 3, 1] == q[3, 32 + 8 + 1]
     assert torch.equal(quant.unpack_rows(packed, torch.arange(n)), q)
     rows = torch.tensor([n - 1, 0, n // 2])
     assert torch.equal(quant.unpack_rows(packed, rows), q[rows])

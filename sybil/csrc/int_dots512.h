@@ -1,21 +1,20 @@
-// The integer linears' inner loops on 512-bit registers (AVX512-BW + VNNI), for
+// The q4 integer linear's inner loop on 512-bit registers (AVX512-BW + VNNI), for
 // int_linear.h's Dot::Avx512 path.
 //
 // Why: on a core with full-width AVX-512 (Zen 5) a verify of 5 or 9 tokens is bound
 // by the instructions per block, not by memory: vpdpbusd on ymm saved almost
 // nothing over vpmaddubsw + vpmaddwd, because each 32-column block of each row pair
-// still costs a sign, a dot, a conversion and an FMA. A zmm holds two weight rows of
-// a q8 block (or four of a q4 block), so each of those instructions does twice (or
-// four times) the work, and the 32 registers hold every row's activations for the
-// whole pass.
+// still costs a dot, a conversion and an FMA. A zmm holds four rows of a q4 block,
+// so each of those instructions does four times the work.
+//
+// (q8 has no zmm loop since its layout interleaves 8 weight rows per load: its ymm
+// loop converts and scales once per block for all 8 rows, which the old zmm loop
+// did for 2, so it does no more instructions per product than that loop did.)
 //
 // Bits: each 8-float group of a zmm is exactly one of the ymm path's accumulators:
 // the same four columns per int32 lane, the same integers, converted and scaled by
 // the same float, and added in the same order. So this path gives the AVX2 bits
 // (tests/test_matmul.py compares them).
-//
-// The sign trick: AVX-512 has no vpsignb; x's sign goes onto w by a masked negate
-// (w - 2w where x < 0: w is never -128, so it is exact); where x is 0, |x| is 0.
 
 #pragma once
 
@@ -28,44 +27,7 @@
 
 namespace sybil {
 
-// MB rows against all 8 rows of one q8 block over groups g0..g1 (acc as in q8_dots:
-// row m, weight row n at (m * 8 + n) * 8; rows n, n + 1 are one zmm).
-template <int MB>
-void q8_dots512(const int8_t* xq_all, const int8_t* xa_all, const float* xs_all, int64_t K, const int8_t* wblock,
-                int64_t g0, int64_t g1, float* acc) {
-  const int64_t G = K / 32;
-  __m512 a[MB][4];
-  for (int m = 0; m < MB; ++m)
-    for (int p = 0; p < 4; ++p) a[m][p] = _mm512_loadu_ps(acc + (m * 8 + 2 * p) * 8);
-  for (int64_t g = g0; g < g1; ++g) {
-    __m512i xa[MB];
-    __mmask64 neg[MB];
-    __m512 xs[MB];
-    for (int m = 0; m < MB; ++m) {
-      const int8_t* q = xq_all + m * K + g * 32;
-      neg[m] = _mm512_movepi8_mask(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))));
-      xa[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa_all + m * K + g * 32)));
-      xs[m] = _mm512_set1_ps(xs_all[m * G + g]);
-    }
-    const int8_t* wg = wblock + g * 8 * 32;
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2048, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2048 + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2048 + 128, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2048 + 192, _MM_HINT_T0);
-    for (int p = 0; p < 4; ++p) {
-      const __m512i w = _mm512_loadu_si512(wg + p * 64);  // weight rows 2p, 2p + 1
-      for (int m = 0; m < MB; ++m) {
-        const __m512i sw = _mm512_mask_sub_epi8(w, neg[m], _mm512_setzero_si512(), w);
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xa[m], sw);
-        a[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xs[m], a[m][p]);
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int p = 0; p < 4; ++p) _mm512_storeu_ps(acc + (m * 8 + 2 * p) * 8, a[m][p]);
-}
-
-// MB rows against all 8 rows of one q4 block (acc as in q4_dots: pair p's 8 lanes at
+// MB rows against all 8 rows of one q4 block (acc as in int_linear.h's q4_dots: pair p's 8 lanes at
 // (m * 8 + p) * 8, lanes 0-3 row 2p, 4-7 row 2p + 1; pairs 2h, 2h + 1 are one zmm).
 // One 64-byte load holds four rows' nibbles; x's 16 low (high) columns go to all four
 // 128-bit quarters.

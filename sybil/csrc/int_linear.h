@@ -28,7 +28,7 @@
 //
 // Layouts (made by sybil/quant.py), for each block of 8 output rows, per group of
 // 32 columns, one sequential stream:
-//   q8: [N/8, K/32, 8 rows, 32 int8]                               (w ~ q * scale[n])
+//   q8: [N/8, K/32, 8 quads, 8 rows, 4 int8]   (w ~ q * scale[n]; quad j: columns 4j..4j+3)
 //   q4: [N/8, K/32, 8 rows x 16 bytes of nibbles, 8 float16 scales] (w ~ (nib - 8) * s)
 // In a q4 row's 16 bytes, byte j holds column j in its low nibble and j + 16 in
 // its high nibble (llama.cpp's Q4_0 order).
@@ -44,6 +44,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace sybil {
@@ -52,8 +53,8 @@ constexpr int64_t QK = 32;         // columns per quantization block
 constexpr int64_t Q4_GROUP = 144;  // bytes of one q4 group of 8 rows: 8 x 16 nibble bytes + 8 float16 scales
 
 // One row quantized: q[k] = round(x[k] / s[b]) with s[b] = max |x| over block b / 127
-// (0 for an all-zero block); also |q|, the unsigned operand of vpmaddubsw.
-inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* qa, float* s) {
+// (0 for an all-zero block).
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t b = 0; b < K / QK; ++b) {
     const float* xb = x + b * QK;
@@ -73,19 +74,18 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, int8_t* qa, float
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qa + b * QK), _mm256_sign_epi8(p, p));
   }
 }
 
 // Activations [M, K] quantized once per linear, row by row.
 struct QRows {
-  std::vector<int8_t> q, qa;
+  std::vector<int8_t> q;
   std::vector<float> s;
   int64_t M = 0, K = 0;
-  QRows(const float* x, int64_t M_, int64_t K_) : q(M_ * K_), qa(M_ * K_), s(M_ * (K_ / QK)), M(M_), K(K_) {
+  QRows(const float* x, int64_t M_, int64_t K_) : q(M_ * K_), s(M_ * (K_ / QK)), M(M_), K(K_) {
     Pool::get().run(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
-        quantize_row(x + m * K, K, q.data() + m * K, qa.data() + m * K, s.data() + m * (K / QK));
+        quantize_row(x + m * K, K, q.data() + m * K, s.data() + m * (K / QK));
     });
   }
 };
@@ -108,43 +108,41 @@ inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
   return acc;
 }
 
-// The exact int32 dot product of one block, as 8 lanes: sum over the 32 columns
-// of x * w (|x| times w with x's sign: both forms take one unsigned operand;
-// |x|, |w| <= 127, so vpmaddubsw's pairwise int16 sums cannot saturate).
-template <Dot D>
-inline __m256i block_dot(const int8_t* xq, const int8_t* xa, __m256i w) {
-  const __m256i sw = _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-  return dot4<D>(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa)), sw);
-}
-
-// MB rows against NB rows of one 8-row q8 weight block over groups g0..g1, adding
-// into 8-lane float sums acc[m][n] (rows 8 * 8 floats apart, as in kernels.cpp);
-// the weights' per-row scale is applied after the hsum.
-template <Dot D, int MB, int NB>
-inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0, int64_t g1, int n0, float* acc) {
+// MB rows against one 8-row q8 block over groups g0..g1, adding into 8-lane float
+// sums acc[m] (row m's 8 floats; lane n is weight row n). A group is 8 loads, each
+// of the 8 weight rows' next 4 columns; the row's 4 activation bytes go to every
+// lane, so each lane accumulates its weight row's exact int32 block sum, and the
+// block costs one conversion and one FMA for all 8 weight rows, where a layout of
+// whole rows needs them per weight row (and a horizontal sum at the end).
+// The sign trick: |w| is the unsigned operand (once per load, for every row), x
+// with w's sign the signed one; |w|, |x| <= 127, so vpmaddubsw's pairwise int16
+// sums cannot saturate.
+template <Dot D, int MB>
+inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0, int64_t g1, float* acc) {
   const int64_t K = x.K, G = K / QK;
-  __m256 a[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) a[m][n] = _mm256_loadu_ps(acc + (m * 8 + n) * 8);
+  __m256 a[MB];
+  for (int m = 0; m < MB; ++m) a[m] = _mm256_loadu_ps(acc + m * 8);
   for (int64_t g = g0; g < g1; ++g) {
-    __m256 xs[MB];
-    for (int m = 0; m < MB; ++m) xs[m] = _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]);
+    const int8_t* wg = wblock + g * 8 * QK;
+    // Ask for the stream 2 KiB ahead: a block's groups are short runs that the
+    // hardware prefetcher alone does not keep ahead of.
+    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(wg) + 2048 + 64 * line, _MM_HINT_T0);
     const int8_t* xq = x.q.data() + m0 * K + g * QK;
-    const int8_t* xa = x.qa.data() + m0 * K + g * QK;
-    for (int n = 0; n < NB; ++n) {
-      const int8_t* wq = wblock + (g * 8 + n0 + n) * QK;
-      // Ask for the stream 2 KiB ahead, once per 64-byte line: the rows of a block are
-      // short runs that the hardware prefetcher alone does not keep ahead of.
-      if (n % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wq) + 2048, _MM_HINT_T0);
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
+    __m256i d[MB];
+    for (int m = 0; m < MB; ++m) d[m] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; ++j) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * 32));  // rows 0-7, columns 4j..4j+3
+      const __m256i aw = _mm256_abs_epi8(w);
       for (int m = 0; m < MB; ++m) {
-        const __m256 d = _mm256_cvtepi32_ps(block_dot<D>(xq + m * K, xa + m * K, w));
-        a[m][n] = _mm256_fmadd_ps(d, xs[m], a[m][n]);
+        int32_t four;
+        std::memcpy(&four, xq + m * K + 4 * j, 4);
+        d[m] = dot4<D>(d[m], aw, _mm256_sign_epi8(_mm256_set1_epi32(four), w));
       }
     }
+    for (int m = 0; m < MB; ++m)
+      a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]), a[m]);
   }
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) _mm256_storeu_ps(acc + (m * 8 + n) * 8, a[m][n]);
+  for (int m = 0; m < MB; ++m) _mm256_storeu_ps(acc + m * 8, a[m]);
 }
 
 // MB rows against NP pairs of rows of one 8-row q4 block (pairs p0..p0+NP), adding
@@ -205,31 +203,20 @@ inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g
 }
 
 template <bool Q4, Dot D, int MB>
-inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t nb, int64_t g0, int64_t g1, float* acc) {
-  if constexpr (D == Dot::Avx512) {  // all 8 rows of the block (a short block's are zeros)
+inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t g0, int64_t g1, float* acc) {
+  if constexpr (!Q4) {  // q8: zmm would add nothing here (see int_dots512.h), so AVX512 machines take VNNI on ymm
+    constexpr Dot Y = D == Dot::Avx512 ? Dot::Avx512Vnni : D;
+    q8_dots<Y, MB>(x, m0, static_cast<const int8_t*>(wb), g0, g1, acc);
+  } else if constexpr (D == Dot::Avx512) {  // all 8 rows of the block
     const int64_t K = x.K;
-    if constexpr (Q4)
-      q4_dots512<MB>(x.q.data() + m0 * K, x.s.data() + m0 * (K / QK), K, static_cast<const uint8_t*>(wb), g0, g1,
-                     Q4_GROUP, acc);
-    else
-      q8_dots512<MB>(x.q.data() + m0 * K, x.qa.data() + m0 * K, x.s.data() + m0 * (K / QK), K,
-                     static_cast<const int8_t*>(wb), g0, g1, acc);
-    return;
+    q4_dots512<MB>(x.q.data() + m0 * K, x.s.data() + m0 * (K / QK), K, static_cast<const uint8_t*>(wb), g0, g1,
+                   Q4_GROUP, acc);
+  } else if constexpr (MB == 1) {  // a q4 block always has 8 rows (sybil.quant requires N % 8 == 0)
+    q4_dots<D, 1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
+  } else {
+    q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
+    q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 2, acc + 2 * 8);
   }
-  if constexpr (Q4) {  // a q4 block always has 8 rows (sybil.quant requires N % 8 == 0)
-    if constexpr (MB == 1) {
-      q4_dots<D, 1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
-    } else {
-      q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
-      q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 2, acc + 2 * 8);
-    }
-    return;
-  }
-  constexpr int NB = MB == 1 ? 8 : 4;
-  const int8_t* w = static_cast<const int8_t*>(wb);
-  int n = 0;
-  for (; n + NB <= nb; n += NB) q8_dots<D, MB, NB>(x, m0, w, g0, g1, n, acc + n * 8);
-  for (; n < nb; ++n) q8_dots<D, MB, 1>(x, m0, w, g0, g1, n, acc + n * 8);
 }
 
 // y [M, N] = x [M, K] against an integer weight (layouts above), times scale[n]
@@ -242,28 +229,32 @@ void int_linear_with(const float* x, int64_t M, int64_t K, const void* w, int64_
   const int64_t block_bytes = Q4 ? G * Q4_GROUP : G * 8 * QK;
   constexpr int64_t GC = 16;      // groups per chunk: a block's chunk (4 KiB q8) stays in L1 for every pass
   constexpr int64_t M_CHUNK = 48;
-  constexpr int MAX_MB = 3;
+  // Rows per pass: each q8 row holds 2 registers (its block sums and its float sums),
+  // a q4 row 4 (its x halves, correction and sums).
+  constexpr int MAX_MB = Q4 ? 3 : 5;
+  constexpr int64_t ROW_FLOATS = Q4 ? 64 : 8;  // acc per row: q4 8 lanes per pair of weight rows, q8 one lane per row
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(block_bytes, 1));
   Pool::get().run(blocks, grain, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> acc;
-    acc.resize(M_CHUNK * 8 * 8);
+    acc.resize(M_CHUNK * 64);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 8, nb = std::min<int64_t>(8, N - n0);
       const uint8_t* wb = static_cast<const uint8_t*>(w) + b * block_bytes;
       for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
         const int64_t mc = std::min(M_CHUNK, M - m0), passes = (mc + MAX_MB - 1) / MAX_MB;
-        std::fill(acc.begin(), acc.begin() + mc * 64, 0.f);
+        std::fill(acc.begin(), acc.begin() + mc * ROW_FLOATS, 0.f);
         for (int64_t g0 = 0; g0 < G; g0 += GC) {
           const int64_t g1 = std::min(g0 + GC, G);
           int64_t mm = 0;
           for (int64_t p = 0; p < passes; ++p) {
             const int64_t mb = (mc - mm) / (passes - p);
-            float* ap = acc.data() + mm * 64;
+            float* ap = acc.data() + mm * ROW_FLOATS;
             switch (mb) {
-              case 1: int_pass<Q4, D, 1>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
-              case 2: int_pass<Q4, D, 2>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
-              case 3: int_pass<Q4, D, 3>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
-              default: int_pass<Q4, D, 4>(xq, m0 + mm, wb, nb, g0, g1, ap); break;
+              case 1: int_pass<Q4, D, 1>(xq, m0 + mm, wb, g0, g1, ap); break;
+              case 2: int_pass<Q4, D, 2>(xq, m0 + mm, wb, g0, g1, ap); break;
+              case 3: int_pass<Q4, D, 3>(xq, m0 + mm, wb, g0, g1, ap); break;
+              case 4: if constexpr (!Q4) int_pass<Q4, D, 4>(xq, m0 + mm, wb, g0, g1, ap); break;
+              default: if constexpr (!Q4) int_pass<Q4, D, 5>(xq, m0 + mm, wb, g0, g1, ap); break;
             }
             mm += mb;
           }
@@ -275,7 +266,7 @@ void int_linear_with(const float* x, int64_t M, int64_t K, const void* w, int64_
               const float* l = acc.data() + (m * 8 + n / 2) * 8 + (n % 2) * 4;
               v = (l[0] + l[2]) + (l[1] + l[3]);
             } else {
-              v = hsum(_mm256_loadu_ps(acc.data() + (m * 8 + n) * 8));
+              v = acc[m * 8 + n];
             }
             if (scale) v *= scale[n0 + n];
             if (bias) v += bias[n0 + n];

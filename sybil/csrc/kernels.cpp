@@ -71,12 +71,12 @@ void linear_impl(const float* x, int64_t M, int64_t K, const W* w, bool packed, 
     narrow::linear_impl(x, M, K, w, packed, N, scale, bias, y);
 }
 
-// The integer linears (int_linear.h): q8 int8 [N/8, K/32, 8, 32] with a scale [N],
+// The integer linears (int_linear.h): q8 int8 [N/8, K/32, 8, 8, 4] with a scale [N],
 // or q4 uint8 [N/8, K/32, 144] (no scale; N = 8 * N/8). xf [M, K] float32.
 at::Tensor int_linear(const at::Tensor& xf, const at::Tensor& w, const at::Tensor& bs, const c10::optional<at::Tensor>& scale) {
   const bool q4 = w.scalar_type() == at::kByte;
-  TORCH_CHECK(w.is_contiguous() && (q4 ? w.dim() == 3 && w.size(2) == sybil::Q4_GROUP : w.dim() == 4 && w.size(2) == 8 &&
-              w.size(3) == sybil::QK), "sybil::linear: not a q8 [N/8, K/32, 8, 32] or q4 [N/8, K/32, 144] weight");
+  TORCH_CHECK(w.is_contiguous() && (q4 ? w.dim() == 3 && w.size(2) == sybil::Q4_GROUP : w.dim() == 5 && w.size(2) == 8 &&
+              w.size(3) == 8 && w.size(4) == 4), "sybil::linear: not a q8 [N/8, K/32, 8, 8, 4] or q4 [N/8, K/32, 144] weight");
   TORCH_CHECK(q4 != scale.has_value(), "sybil::linear: q8 weights need a scale, q4 weights take none");
   const int64_t K = w.size(1) * sybil::QK, N = q4 ? w.size(0) * 8 : scale->numel(), M = xf.size(0);
   TORCH_CHECK(q4 || w.size(0) == (N + 7) / 8, "sybil::linear: q8 weight does not match scale");
@@ -101,7 +101,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "sybil::linear runs on the CPU");
   at::Tensor bs;
   if (bias.has_value()) bs = bias->to(at::kFloat).contiguous();
-  if (w.scalar_type() == at::kByte || w.dim() == 4) {
+  if (w.scalar_type() == at::kByte || w.dim() == 5) {
     const int64_t K = w.size(1) * sybil::QK;
     TORCH_CHECK(x.size(-1) == K, "sybil::linear: x has ", x.size(-1), " features, weight ", K);
     auto y = int_linear(x.to(at::kFloat).contiguous().view({-1, K}), w, bs, scale);
