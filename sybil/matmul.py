@@ -109,6 +109,14 @@ def linear_q4(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) 
     return _rows_int(x, q, d, bias)
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU. On the kernels' path the C++ one (csrc/elementwise.h), which
+    torch.ops.sybil.blocks also runs, so the block-by-block forward gives its bits."""
+    if use_kernels(x):
+        return torch.ops.sybil.gelu(x)
+    return F.gelu(x, approximate="tanh")
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [M, K] -> (q [M, K/32, 32] int8, s [M, K/32] float32), x ~ q * s: each block of
     32 columns scaled by its max |x| / 127 (the kernels' rounding: round half to even)."""

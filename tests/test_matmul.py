@@ -236,3 +236,38 @@ def test_the_wide_float_linear_gives_the_same_bits(dtype):
             assert (got[True][0].double() - want).abs().max() < (1e-4 if dtype == torch.float32 else 0.1)
     finally:
         native.set_float_wide(before)
+
+
+def _gelu64(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh u) as x / (1 + e^-2u): in float64 the tanh form is 0 below x = -8."""
+    x = x.double()
+    return x / (1 + torch.exp(-2 * 0.7978845608028654 * (x + 0.044715 * x**3)))
+
+
+def test_gelu_matches_float64():
+    """The kernel's tanh GELU within float32 rounding of the float64 function, from -100
+    to 100: its e^x (csrc/elementwise.h) has no range where it drifts. (torch's, the
+    fallback, is off by up to 7e-4 of the value between -4 and -1.)"""
+    if not native.available():
+        pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.linspace(-100, 100, 40001), torch.randn(5000, generator=g) * 3,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3.4e38, 3.4e38])])
+    got, want = matmul.gelu(x), _gelu64(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-9).all()
+    assert torch.isnan(matmul.gelu(torch.tensor([float("nan")]))).all()
+
+
+def test_gelu_of_an_element_depends_on_that_element_alone():
+    """The kernel gives an element the same bits whatever the tensor's length, shape or
+    chunking over threads (a vector tail, a pool split), and bfloat16 rounds the float32
+    result. (torch's does not: its scalar tail differs from its vector body.)"""
+    if not native.available():
+        pytest.skip(f"CPU kernels unavailable: {native.why_unavailable()}")
+    x = torch.randn(3, 40001, generator=torch.Generator().manual_seed(4)) * 4
+    whole = matmul.gelu(x)
+    assert torch.equal(whole[1, 5:12], matmul.gelu(x[1, 5:12]))  # 7 elements: the tail only
+    assert torch.equal(whole[2, 16380:16400], matmul.gelu(x[2, 16380:16400]))
+    assert torch.equal(whole.T, matmul.gelu(x.T))  # not contiguous
+    assert torch.equal(matmul.gelu(x.bfloat16()), matmul.gelu(x.bfloat16().float()).bfloat16())

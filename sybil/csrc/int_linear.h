@@ -53,8 +53,9 @@ constexpr int64_t QK = 32;         // columns per quantization block
 constexpr int64_t Q4_GROUP = 144;  // bytes of one q4 group of 8 rows: 8 x 16 nibble bytes + 8 float16 scales
 
 // One row quantized: q[k] = round(x[k] / s[b]) with s[b] = max |x| over block b / 127
-// (0 for an all-zero block).
-inline void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
+// (0 for an all-zero block), and c[b] = -128 * (sum of block b's q), the VNNI q8
+// dots' correction (q8_dots).
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* s, int32_t* c) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t b = 0; b < K / QK; ++b) {
     const float* xb = x + b * QK;
@@ -70,6 +71,11 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
     for (int i = 0; i < 4; ++i)
       v[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), inv),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i v4 = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v4), _mm256_extracti128_si256(v4, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    c[b] = -128 * _mm_cvtsi128_si32(t);
     // int32 x 32 -> int8 x 32; the packs interleave 128-bit lanes, the permute restores the order
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
@@ -81,11 +87,12 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* s) {
 struct QRows {
   std::vector<int8_t> q;
   std::vector<float> s;
+  std::vector<int32_t> c;
   int64_t M = 0, K = 0;
-  QRows(const float* x, int64_t M_, int64_t K_) : q(M_ * K_), s(M_ * (K_ / QK)), M(M_), K(K_) {
+  QRows(const float* x, int64_t M_, int64_t K_) : q(M_ * K_), s(M_ * (K_ / QK)), c(M_ * (K_ / QK)), M(M_), K(K_) {
     Pool::get().run(M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
-        quantize_row(x + m * K, K, q.data() + m * K, s.data() + m * (K / QK));
+        quantize_row(x + m * K, K, q.data() + m * K, s.data() + m * (K / QK), c.data() + m * (K / QK));
     });
   }
 };
@@ -108,15 +115,33 @@ inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
   return acc;
 }
 
+// acc + in each int32 lane the sum of u's four u8 bytes times the four s8 bytes at
+// p (the same four for every lane): VNNI only. AVX512-VNNI reads and broadcasts
+// them in the multiply-add itself.
+template <Dot D>
+inline __m256i dot4_bcast(__m256i acc, __m256i u, const int8_t* p) {
+  if constexpr (D == Dot::Avx512Vnni) {
+    asm("vpdpbusd %2%{1to8%}, %1, %0" : "+x"(acc) : "x"(u), "m"(*reinterpret_cast<const int32_t*>(p)));
+  } else {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    acc = dot4<D>(acc, u, _mm256_set1_epi32(four));
+  }
+  return acc;
+}
+
 // MB rows against one 8-row q8 block over groups g0..g1, adding into 8-lane float
 // sums acc[m] (row m's 8 floats; lane n is weight row n). A group is 8 loads, each
 // of the 8 weight rows' next 4 columns; the row's 4 activation bytes go to every
 // lane, so each lane accumulates its weight row's exact int32 block sum, and the
 // block costs one conversion and one FMA for all 8 weight rows, where a layout of
 // whole rows needs them per weight row (and a horizontal sum at the end).
-// The sign trick: |w| is the unsigned operand (once per load, for every row), x
-// with w's sign the signed one; |w|, |x| <= 127, so vpmaddubsw's pairwise int16
-// sums cannot saturate.
+// AVX2, the sign trick: |w| is the unsigned operand (once per load, for every row),
+// x with w's sign the signed one; |w|, |x| <= 127, so vpmaddubsw's pairwise int16
+// sums cannot saturate. VNNI has no int16 step to saturate: w + 128 (w xor 0x80,
+// once per load) is the unsigned operand and x itself the signed one, so a row
+// costs one instruction per load instead of three; the lane starts from
+// -128 * sum(x) of the block (QRows::c), which leaves sum w * x: the same integers.
 template <Dot D, int MB>
 inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0, int64_t g1, float* acc) {
   const int64_t K = x.K, G = K / QK;
@@ -129,14 +154,23 @@ inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0
     for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(wg) + 2048 + 64 * line, _MM_HINT_T0);
     const int8_t* xq = x.q.data() + m0 * K + g * QK;
     __m256i d[MB];
-    for (int m = 0; m < MB; ++m) d[m] = _mm256_setzero_si256();
-    for (int j = 0; j < 8; ++j) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * 32));  // rows 0-7, columns 4j..4j+3
-      const __m256i aw = _mm256_abs_epi8(w);
-      for (int m = 0; m < MB; ++m) {
-        int32_t four;
-        std::memcpy(&four, xq + m * K + 4 * j, 4);
-        d[m] = dot4<D>(d[m], aw, _mm256_sign_epi8(_mm256_set1_epi32(four), w));
+    if constexpr (D == Dot::Avx2) {
+      for (int m = 0; m < MB; ++m) d[m] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * 32));  // rows 0-7, columns 4j..4j+3
+        const __m256i aw = _mm256_abs_epi8(w);
+        for (int m = 0; m < MB; ++m) {
+          int32_t four;
+          std::memcpy(&four, xq + m * K + 4 * j, 4);
+          d[m] = dot4<D>(d[m], aw, _mm256_sign_epi8(_mm256_set1_epi32(four), w));
+        }
+      }
+    } else {
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+      for (int m = 0; m < MB; ++m) d[m] = _mm256_set1_epi32(x.c[(m0 + m) * G + g]);
+      for (int j = 0; j < 8; ++j) {
+        const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * 32)), flip);
+        for (int m = 0; m < MB; ++m) d[m] = dot4_bcast<D>(d[m], wu, xq + m * K + 4 * j);
       }
     }
     for (int m = 0; m < MB; ++m)

@@ -20,6 +20,7 @@
 #include "pool.h"  // every parallel region here runs on Sybil's pool: pool.h says why
 #include "simd.h"
 #include "int_linear.h"  // int8 activations against int8 or 4-bit weights
+#include "elementwise.h"  // exp and the tanh GELU
 
 #include <cmath>
 #include <cstdint>
@@ -179,7 +180,6 @@ inline void weighted_sum(const float* scores, const T* vc, int64_t p, int64_t D,
 template <typename T>
 void attend_one(const float* q, const T* kc, const T* vc, int64_t p, int64_t D, float scale, float* scores,
                 float* out) {
-  float mx = -INFINITY;
   int64_t j = 0;
   if (D % 8 == 0) {
     for (; j + 4 <= p + 1; j += 4) {  // four keys at once: four independent chains
@@ -199,13 +199,7 @@ void attend_one(const float* q, const T* kc, const T* vc, int64_t p, int64_t D, 
     }
   }
   for (; j <= p; ++j) scores[j] = key_dot(kc + j * D, q, D) * scale;
-  for (int64_t i = 0; i <= p; ++i) mx = std::max(mx, scores[i]);
-  float sum = 0.f;
-  for (int64_t i = 0; i <= p; ++i) {
-    scores[i] = std::exp(scores[i] - mx);
-    sum += scores[i];
-  }
-  const float inv = 1.f / sum;
+  const float inv = 1.f / sybil::exp_sum(scores, p + 1, sybil::max_of(scores, p + 1));
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) weighted_sum<8>(scores, vc, p, D, d0, inv, out);
   switch ((D - d0) / 8) {
@@ -329,6 +323,30 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor kc, at::Tensor vc, const at:
 // weight then [N, K]; packed int8 otherwise). kc, vc [layers, B, H, L, D].
 constexpr int64_t PARAMS_PER_LAYER = 16;
 
+// GPT-2's tanh GELU (elementwise.h), float32 or bfloat16 (computed in float32 and
+// rounded once, as torch does). Chunks of 16K elements go to the pool: an element's
+// value never depends on the split.
+at::Tensor gelu_tanh(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "sybil::gelu: a CPU float32 or bfloat16 tensor, got ", x.scalar_type());
+  if (x.scalar_type() == at::kBFloat16) return gelu_tanh(x.to(at::kFloat)).to(at::kBFloat16);
+  const auto xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t n = xc.numel();
+  constexpr int64_t CHUNK = 16384;
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  if (chunks <= 1) {
+    sybil::gelu(xp, yp, n);
+    return y;
+  }
+  sybil::Pool::get().run(chunks, 1, [&](int64_t c0, int64_t c1) {
+    sybil::gelu(xp + c0 * CHUNK, yp + c0 * CHUNK, std::min(n, c1 * CHUNK) - c0 * CHUNK);
+  });
+  return y;
+}
+
 at::Tensor blocks(const at::Tensor& x_in, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& pos,
                   int64_t n_head, double eps, const c10::List<std::optional<at::Tensor>>& params,
                   const std::optional<at::Tensor>& rows) {
@@ -349,7 +367,7 @@ at::Tensor blocks(const at::Tensor& x_in, const at::Tensor& kc, const at::Tensor
     auto a = attend_checked(lin(h, l, 2), kc.select(0, l), vc.select(0, l), p, n_head, rp);
     x = x + lin(a, l, 5);
     h = at::layer_norm(x, {C}, get(l, 8), get(l, 9), eps);
-    x = x + lin(at::gelu(lin(h, l, 10), "tanh"), l, 13);
+    x = x + lin(gelu_tanh(lin(h, l, 10)), l, 13);
   }
   return x;
 }
@@ -389,6 +407,7 @@ TORCH_LIBRARY(sybil, m) {
   m.def("set_float_wide(bool on) -> bool", &set_float_wide);
   m.def("pool_stats() -> Tensor", &pool_stats);
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? scale) -> Tensor", &linear);
+  m.def("gelu(Tensor x) -> Tensor", &gelu_tanh);
   m.def("attend(Tensor qkv, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, Tensor? rows=None) -> Tensor",
         &attend);
   m.def("blocks(Tensor x, Tensor(a!) kc, Tensor(b!) vc, Tensor pos, int n_head, float eps, Tensor?[] params, "
