@@ -43,11 +43,10 @@ from pathlib import Path
 import torch
 
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-SOURCES = ("kernels.cpp", "float_linear.h", "pool.h", "simd.h", "int_linear.h", "int_dots512.h", "elementwise.h")  # what the build reads: all of it keys the cached library
+SOURCES = ("kernels.cpp", "float_linear.h", "pool.h", "simd.h", "int_linear.h", "elementwise.h")  # what the build reads: all of it keys the cached library
 
 
-INT_DOTS = {"avx2": ((), 0), "avxvnni": (("avx_vnni",), 1), "avx512vnni": (("avx512_vnni", "avx512vl"), 2),
-            "avx512": (("avx512f", "avx512bw", "avx512_vnni"), 3)}
+INT_DOTS = {"avx2": ((), 0), "avxvnni": (("avx_vnni",), 1), "avx512vnni": (("avx512_vnni", "avx512vl"), 2)}
 
 
 def int_dot_choices() -> list[str]:
@@ -70,7 +69,7 @@ def int_dot() -> str:
 
             raise SybilError(f"SYBIL_INT_DOT={env!r}: this CPU can run {', '.join(choices)}")
         return env
-    return next(d for d in ("avx512", "avxvnni", "avx512vnni", "avx2") if d in choices)
+    return next(d for d in ("avx512vnni", "avxvnni", "avx2") if d in choices)
 
 
 def set_int_dot(name: str) -> str:

@@ -96,7 +96,8 @@ def quantize_q4(weight: torch.Tensor) -> torch.Tensor:
     """4-bit groups of 32 columns, llama.cpp Q4_0's rounding: per group the value of
     largest magnitude maps to -8, d = it / -8 (stored in float16), q = round(w / d) in
     [-8, 7], stored as q + 8. Returns uint8 [N / 8, K / 32, 144]: per group of 8 rows,
-    8 x 16 bytes of nibbles (byte j: column j low, j + 16 high), then 8 float16 d's."""
+    4 quads x 8 rows x 4 bytes of nibbles (quad j, byte c: column 4j + c low, 16 + 4j + c
+    high; one kernel load holds the 8 rows' quad), then 8 float16 d's."""
     n, k = weight.shape
     _check_k(k, "int4")
     if n % 8:
@@ -113,8 +114,9 @@ def _quantize_q4_rows(weight: torch.Tensor) -> torch.Tensor:
     inv = torch.where(df != 0, 1.0 / df, torch.zeros_like(df))
     q = (torch.round(w * inv).clamp_(-8, 7) + 8).to(torch.uint8)  # [N, G, 32]
     nib = q[..., :16] | (q[..., 16:] << 4)  # [N, G, 16]
-    # [N8 * 8, G, 16] -> [N8, G, 8 rows, 16] -> [N8, G, 128]; scales [N8, G, 8] as bytes [N8, G, 16]
-    nib = nib.view(n // 8, 8, k // QK, 16).permute(0, 2, 1, 3).reshape(n // 8, k // QK, 128)
+    # [N8 * 8, G, 16] -> [N8, 8 rows, G, 4 quads, 4] -> [N8, G, 4 quads, 8 rows, 4] -> [N8, G, 128];
+    # scales [N8, G, 8] as bytes [N8, G, 16]
+    nib = nib.view(n // 8, 8, k // QK, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, k // QK, 128)
     scales = d.view(n // 8, 8, k // QK).permute(0, 2, 1).contiguous().view(torch.uint8)
     return torch.cat([nib, scales], dim=-1).contiguous()
 
@@ -122,7 +124,8 @@ def _quantize_q4_rows(weight: torch.Tensor) -> torch.Tensor:
 def dequantize_q4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [N, G, 32] int8 in [-8, 7], d [N, G] float32) of a q4 weight: w = q * d."""
     n8, g, _ = packed.shape
-    nib = packed[..., :128].reshape(n8, g, 8, 16).permute(0, 2, 1, 3).reshape(n8 * 8, g, 16)
+    # [N8, G, 4 quads, 8 rows, 4] -> [N8, 8 rows, G, 4 quads, 4] -> [N, G, 16]
+    nib = packed[..., :128].reshape(n8, g, 4, 8, 4).permute(0, 3, 1, 2, 4).reshape(n8 * 8, g, 16)
     q = torch.cat([nib & 0x0F, nib >> 4], dim=-1).to(torch.int8) - 8  # [N, G, 32]
     d = packed[..., 128:].contiguous().view(torch.float16).view(n8, g, 8).permute(0, 2, 1).reshape(n8 * 8, g)
     return q, d.float()

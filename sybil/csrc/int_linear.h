@@ -29,16 +29,16 @@
 // Layouts (made by sybil/quant.py), for each block of 8 output rows, per group of
 // 32 columns, one sequential stream:
 //   q8: [N/8, K/32, 8 quads, 8 rows, 4 int8]   (w ~ q * scale[n]; quad j: columns 4j..4j+3)
-//   q4: [N/8, K/32, 8 rows x 16 bytes of nibbles, 8 float16 scales] (w ~ (nib - 8) * s)
-// In a q4 row's 16 bytes, byte j holds column j in its low nibble and j + 16 in
-// its high nibble (llama.cpp's Q4_0 order).
+//   q4: [N/8, K/32, 4 quads x 8 rows x 4 bytes of nibbles, 8 float16 scales]
+//       (w ~ (nib - 8) * s; quad j's byte c holds column 4j + c in its low nibble
+//       and 16 + 4j + c in its high one, llama.cpp's Q4_0 pairing)
+// so that one 32-byte load holds 8 weight rows' 4 (q8) or 8 (q4) columns.
 
 #pragma once
 
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
-#include "int_dots512.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -98,8 +98,7 @@ struct QRows {
 };
 
 // How a block's products are summed: which instructions, same integers.
-// Avx512: whole zmm registers (int_dots512.h), the others ymm.
-enum class Dot { Avx2 = 0, AvxVnni = 1, Avx512Vnni = 2, Avx512 = 3 };
+enum class Dot { Avx2 = 0, AvxVnni = 1, Avx512Vnni = 2 };
 
 // acc + in each int32 lane the sum of its four u8 (u) x s8 (s) byte products. The
 // AVX2 form is exact where no pair of products passes int16 (every use here).
@@ -179,78 +178,67 @@ inline void q8_dots(const QRows& x, int64_t m0, const int8_t* wblock, int64_t g0
   for (int m = 0; m < MB; ++m) _mm256_storeu_ps(acc + m * 8, a[m]);
 }
 
-// MB rows against NP pairs of rows of one 8-row q4 block (pairs p0..p0+NP), adding
-// into 8-lane float sums acc[m][p]: lanes 0-3 for row 2p, 4-7 for row 2p + 1.
-// One 32-byte load holds two rows' nibbles; against it x's columns 0..15 (low
-// nibbles) and 16..31 (high) are each broadcast to both halves, so one unpack and
-// one multiply-add serve two weight rows. The nibbles are used unsigned (0..15: no
-// sign trick, and two products of a byte pair stay far inside int16, so two
-// maddubs add before one widening madd), and 8 * sum(x) is subtracted per block:
-// sum x * (u - 8), exact in int32. Then times (row's d) * (x's block scale).
-// (VNNI: each vpdpbusd does a maddubs and its widening madd at once.)
-template <Dot D, int MB, int NP>
-inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g0, int64_t g1, int p0, float* acc) {
+// MB rows against one 8-row q4 block over groups g0..g1, as q8_dots: one lane per
+// weight row. A group is 4 loads, each holding the 8 rows' columns 4j..4j+3 in its
+// low nibbles and 16+4j..16+4j+3 in its high ones; the nibbles are used unsigned
+// (0..15) and the lane starts from -8 * sum(x) of the block (QRows::c / 16), which
+// leaves sum (u - 8) * x: exact in int32. Then times (row's d) * (x's block scale):
+// one conversion and one FMA per block for all 8 rows.
+// AVX2: vpmaddubsw's int16 pairs of u <= 15 against |x| <= 127 sum to at most 3810,
+// so a row's 16 products per lane of the whole block stay within int16 (30480) and
+// one vpmaddwd widens them per block.
+template <Dot D, int MB>
+inline void q4_dots(const QRows& x, int64_t m0, const uint8_t* wblock, int64_t g0, int64_t g1, float* acc) {
   const int64_t K = x.K, G = K / QK;
-  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
-  __m256 a[MB][NP];
-  for (int m = 0; m < MB; ++m)
-    for (int p = 0; p < NP; ++p) a[m][p] = _mm256_loadu_ps(acc + (m * 8 + p) * 8);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 a[MB];
+  for (int m = 0; m < MB; ++m) a[m] = _mm256_loadu_ps(acc + m * 8);
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* grp = wblock + g * Q4_GROUP;
-    _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024 + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024 + 128, _MM_HINT_T0);
+    for (int line = 0; line < 3; ++line) _mm_prefetch(reinterpret_cast<const char*>(grp) + 1024 + 64 * line, _MM_HINT_T0);
     const __m256 ws8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(grp + 128)));
-    __m256i xlo[MB], xhi[MB], corr[MB];
-    __m256 sc[MB];
-    for (int m = 0; m < MB; ++m) {
-      const int8_t* xq = x.q.data() + (m0 + m) * K + g * QK;
-      xlo[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
-      xhi[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
-      if constexpr (D == Dot::Avx2)
-        corr[m] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(eight, xlo[m]),
-                                                     _mm256_maddubs_epi16(eight, xhi[m])), ones);
-      else
-        corr[m] = _mm256_sub_epi32(_mm256_setzero_si256(),  // negated: the accumulator each dot starts from
-                                   dot4<D>(dot4<D>(_mm256_setzero_si256(), eight, xlo[m]), eight, xhi[m]));
-      sc[m] = _mm256_mul_ps(ws8, _mm256_broadcast_ss(&x.s[(m0 + m) * G + g]));  // row n's d * x's scale, lane n
-    }
-    for (int p = 0; p < NP; ++p) {
-      const int q = p0 + p;
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + q * 32));  // rows 2q, 2q + 1
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const __m256i pick = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
-      for (int m = 0; m < MB; ++m) {
-        __m256i d;
-        if constexpr (D == Dot::Avx2) {
-          const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
-          d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), corr[m]);
-        } else {
-          d = dot4<D>(dot4<D>(corr[m], lo, xlo[m]), hi, xhi[m]);
+    const int8_t* xq = x.q.data() + m0 * K + g * QK;
+    __m256i d[MB];
+    if constexpr (D == Dot::Avx2) {
+      for (int m = 0; m < MB; ++m) d[m] = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + j * 32));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int m = 0; m < MB; ++m) {
+          int32_t xl, xh;
+          std::memcpy(&xl, xq + m * K + 4 * j, 4);
+          std::memcpy(&xh, xq + m * K + 16 + 4 * j, 4);
+          d[m] = _mm256_add_epi16(d[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
+                                                         _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh))));
         }
-        a[m][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(sc[m], pick), a[m][p]);
+      }
+      for (int m = 0; m < MB; ++m)
+        d[m] = _mm256_add_epi32(_mm256_madd_epi16(d[m], _mm256_set1_epi16(1)),
+                                _mm256_set1_epi32(x.c[(m0 + m) * G + g] / 16));
+    } else {
+      for (int m = 0; m < MB; ++m) d[m] = _mm256_set1_epi32(x.c[(m0 + m) * G + g] / 16);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + j * 32));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int m = 0; m < MB; ++m) {
+          d[m] = dot4_bcast<D>(d[m], lo, xq + m * K + 4 * j);
+          d[m] = dot4_bcast<D>(d[m], hi, xq + m * K + 16 + 4 * j);
+        }
       }
     }
+    for (int m = 0; m < MB; ++m)
+      a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_mul_ps(ws8, _mm256_broadcast_ss(&x.s[(m0 + m) * G + g])),
+                             a[m]);
   }
-  for (int m = 0; m < MB; ++m)
-    for (int p = 0; p < NP; ++p) _mm256_storeu_ps(acc + (m * 8 + p) * 8, a[m][p]);
+  for (int m = 0; m < MB; ++m) _mm256_storeu_ps(acc + m * 8, a[m]);
 }
 
 template <bool Q4, Dot D, int MB>
 inline void int_pass(const QRows& x, int64_t m0, const void* wb, int64_t g0, int64_t g1, float* acc) {
-  if constexpr (!Q4) {  // q8: zmm would add nothing here (see int_dots512.h), so AVX512 machines take VNNI on ymm
-    constexpr Dot Y = D == Dot::Avx512 ? Dot::Avx512Vnni : D;
-    q8_dots<Y, MB>(x, m0, static_cast<const int8_t*>(wb), g0, g1, acc);
-  } else if constexpr (D == Dot::Avx512) {  // all 8 rows of the block
-    const int64_t K = x.K;
-    q4_dots512<MB>(x.q.data() + m0 * K, x.s.data() + m0 * (K / QK), K, static_cast<const uint8_t*>(wb), g0, g1,
-                   Q4_GROUP, acc);
-  } else if constexpr (MB == 1) {  // a q4 block always has 8 rows (sybil.quant requires N % 8 == 0)
-    q4_dots<D, 1, 4>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
-  } else {
-    q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 0, acc);
-    q4_dots<D, MB, 2>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, 2, acc + 2 * 8);
-  }
+  if constexpr (Q4)
+    q4_dots<D, MB>(x, m0, static_cast<const uint8_t*>(wb), g0, g1, acc);
+  else
+    q8_dots<D, MB>(x, m0, static_cast<const int8_t*>(wb), g0, g1, acc);
 }
 
 // y [M, N] = x [M, K] against an integer weight (layouts above), times scale[n]
@@ -263,45 +251,37 @@ void int_linear_with(const float* x, int64_t M, int64_t K, const void* w, int64_
   const int64_t block_bytes = Q4 ? G * Q4_GROUP : G * 8 * QK;
   constexpr int64_t GC = 16;      // groups per chunk: a block's chunk (4 KiB q8) stays in L1 for every pass
   constexpr int64_t M_CHUNK = 48;
-  // Rows per pass: each q8 row holds 2 registers (its block sums and its float sums),
-  // a q4 row 4 (its x halves, correction and sums).
-  constexpr int MAX_MB = Q4 ? 3 : 5;
-  constexpr int64_t ROW_FLOATS = Q4 ? 64 : 8;  // acc per row: q4 8 lanes per pair of weight rows, q8 one lane per row
+  // Rows per pass: each row holds 2 registers (its block sums and its float sums).
+  constexpr int MAX_MB = 5;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(block_bytes, 1));
   Pool::get().run(blocks, grain, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> acc;
-    acc.resize(M_CHUNK * 64);
+    acc.resize(M_CHUNK * 8);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 8, nb = std::min<int64_t>(8, N - n0);
       const uint8_t* wb = static_cast<const uint8_t*>(w) + b * block_bytes;
       for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
         const int64_t mc = std::min(M_CHUNK, M - m0), passes = (mc + MAX_MB - 1) / MAX_MB;
-        std::fill(acc.begin(), acc.begin() + mc * ROW_FLOATS, 0.f);
+        std::fill(acc.begin(), acc.begin() + mc * 8, 0.f);
         for (int64_t g0 = 0; g0 < G; g0 += GC) {
           const int64_t g1 = std::min(g0 + GC, G);
           int64_t mm = 0;
           for (int64_t p = 0; p < passes; ++p) {
             const int64_t mb = (mc - mm) / (passes - p);
-            float* ap = acc.data() + mm * ROW_FLOATS;
+            float* ap = acc.data() + mm * 8;
             switch (mb) {
               case 1: int_pass<Q4, D, 1>(xq, m0 + mm, wb, g0, g1, ap); break;
               case 2: int_pass<Q4, D, 2>(xq, m0 + mm, wb, g0, g1, ap); break;
               case 3: int_pass<Q4, D, 3>(xq, m0 + mm, wb, g0, g1, ap); break;
-              case 4: if constexpr (!Q4) int_pass<Q4, D, 4>(xq, m0 + mm, wb, g0, g1, ap); break;
-              default: if constexpr (!Q4) int_pass<Q4, D, 5>(xq, m0 + mm, wb, g0, g1, ap); break;
+              case 4: int_pass<Q4, D, 4>(xq, m0 + mm, wb, g0, g1, ap); break;
+              default: int_pass<Q4, D, 5>(xq, m0 + mm, wb, g0, g1, ap); break;
             }
             mm += mb;
           }
         }
         for (int64_t m = 0; m < mc; ++m)
           for (int64_t n = 0; n < nb; ++n) {
-            float v;
-            if constexpr (Q4) {  // row n's four lanes of its pair's sums, in a fixed order
-              const float* l = acc.data() + (m * 8 + n / 2) * 8 + (n % 2) * 4;
-              v = (l[0] + l[2]) + (l[1] + l[3]);
-            } else {
-              v = acc[m * 8 + n];
-            }
+            float v = acc[m * 8 + n];
             if (scale) v *= scale[n0 + n];
             if (bias) v += bias[n0 + n];
             y[(m0 + m) * N + n0 + n] = v;
@@ -323,7 +303,6 @@ void int_linear(const float* x, int64_t M, int64_t K, const void* w, int64_t N, 
   switch (int_dot()) {
     case Dot::AvxVnni: return int_linear_with<Q4, Dot::AvxVnni>(x, M, K, w, N, scale, bias, y);
     case Dot::Avx512Vnni: return int_linear_with<Q4, Dot::Avx512Vnni>(x, M, K, w, N, scale, bias, y);
-    case Dot::Avx512: return int_linear_with<Q4, Dot::Avx512>(x, M, K, w, N, scale, bias, y);
     default: return int_linear_with<Q4, Dot::Avx2>(x, M, K, w, N, scale, bias, y);
   }
 }

@@ -388,9 +388,9 @@ at::Tensor pool_stats() {
 }
 
 // The integer linears' dot products (int_linear.h): 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI
-// on ymm, 3 AVX512 on zmm; sybil.native chooses from the CPU's flags. Returns the one in use.
+// (on ymm); sybil.native chooses from the CPU's flags. Returns the one in use.
 int64_t set_int_dot(int64_t d) {
-  TORCH_CHECK(0 <= d && d <= 3, "sybil::set_int_dot: 0 to 3, got ", d);
+  TORCH_CHECK(0 <= d && d <= 2, "sybil::set_int_dot: 0 to 2, got ", d);
   sybil::int_dot() = static_cast<sybil::Dot>(d);
   return d;
 }
