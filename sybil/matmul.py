@@ -4,7 +4,8 @@
 |------------------------------------|----------------------------------------|-----|
 | CPU linear, float32/bfloat16/`int8wo` weights | `torch.ops.sybil.linear` (C++, AVX2; `csrc/float_linear.h` on 32 registers where AVX512VL is: every pass takes all 8 rows of a block, the same bits) | on every core, the weights read from memory once per call (each 512-column chunk of 8 output channels is reused from L1 by every 3-row pass), float32 accumulation in a fixed order, so a row's result never depends on how many rows share the call |
 | CPU linear, `int8` / `int4` weights (sybil.quant) | the same op, `csrc/int_linear.h` | int8 activations (a scale per 32 columns, each row on its own) against int8 or 4-bit weights in integer dot products: 32 products per multiply pair instead of 8 per FMA, where a float32 conversion of every weight made an int8 step compute-bound; exact int32 block sums, blocks summed in a fixed order |
-| the same, by CPU flags (`native.int_dot`) | zmm AVX512-BW + VNNI (`csrc/int_dots512.h`), else `vpdpbusd` on ymm (AVX-VNNI / AVX512-VNNI), else AVX2 `vpmaddubsw` + `vpmaddwd` | a multi-token forward is bound by instructions per block: on a 2-core Zen 5, zmm made a 9-token int8 forward 22.5 ms against 35.1 (AVX2) and 32.6-36.6 (VNNI on ymm, which folds one instruction of five); every form sums the same four columns per lane, so they give the same bits |
+| the same, by CPU flags (`native.int_dot`) | `vpdpbusd` on ymm (AVX512-VNNI with VL, else AVX-VNNI), else AVX2 `vpmaddubsw` + `vpmaddwd` | a multi-token forward is bound by instructions per block: each 32-byte weight load holds 8 output rows (4 columns each for q8, 8 for q4), so a row costs one `vpdpbusd` per load (q8: w xor 0x80 against x itself, from -128 * sum(x)) and one conversion and one FMA per block for all 8 rows; on a 2-core Zen 4 a 9-token int8 forward took 27.4 ms with VNNI against 36.7 with AVX2; every form sums the same integers, so they give the same bits |
+| GPT-2's tanh GELU, the softmax's exp | `torch.ops.sybil.gelu`, `csrc/elementwise.h` (`gelu`) | torch's took 3.1 ms of a 9-token int8 forward on the Zen 3 (1.6 ms on a Zen 4, 0.47 ms this one, 24 layers); an element's value depends on it alone, and the fused and block-by-block forwards call the same op, so the same bits; within 1e-6 of the float64 function, where torch's is off by up to 7e-4 of the value between -4 and -1 |
 | CPU attention over the cache       | `torch.ops.sybil.attend`               | each query reads keys 0..p of its row in a fixed order: the same bits in a one-token step and inside a verify forward |
 | CPU forward with a cache, all blocks | `torch.ops.sybil.blocks` (one call)  | the same ops as `Block.forward` in the same order (same bits), without a dozen Python and dispatcher round trips per block |
 | CUDA, and `static=True` steps      | torch (`F.linear`, SDPA)               | cuBLAS / flash kernels; CUDA-graph capture |
@@ -23,7 +24,9 @@ sequential stream: plain rows of 1 KB (K = 1024) read at 5.5 GB/s, too short for
 hardware prefetcher. The integer formats keep the same idea in groups of 32 columns
 (`quant.pack_q8`, `quant.quantize_q4`). Measured on the 2-core AVX2 machine, the 96
 gpt2-medium linears (distinct weights, out of cache), one run: one row int8wo 11.2 ms,
-int8 10.3-11.2, int4 6.6; nine rows 45, 37 and 39 ms.
+int8 10.3-11.2, int4 6.6; nine rows 45, 37 and 39 ms. With the integer layouts'
+8-row loads, int8 nine rows took 28.0-28.5 ms on a Zen 3 (38.2-39.0 before, the same
+run) and 19.1-22.3 on a 2-core Zen 4 with VNNI (one row 10.8-13.4 there).
 """
 
 from __future__ import annotations

@@ -9,11 +9,10 @@ They need AVX2 and FMA, read from the CPU's flags, never assumed. Where those,
 or a compiler, are missing, `available()` is False with the reason, and
 sybil.matmul falls back to torch's own ops (still exact, slower).
 
-The integer linears' dot products (csrc/int_linear.h) use zmm registers and VNNI
-where the flags show AVX512-BW and AVX512-VNNI, else VNNI's vpdpbusd on ymm (AVX-VNNI,
-or AVX512-VNNI with VL), else AVX2; every form gives the same integers, so the same
-bits. SYBIL_INT_DOT=avx2|avxvnni|avx512vnni|avx512 forces one (for comparisons), and
-only one the CPU has.
+The integer linears' dot products (csrc/int_linear.h) use VNNI's vpdpbusd on ymm
+where the flags show AVX512-VNNI with VL or AVX-VNNI, else AVX2; every form gives the
+same integers, so the same bits. SYBIL_INT_DOT=avx2|avxvnni|avx512vnni forces one (for
+comparisons), and only one the CPU has.
 
 The float linear takes 32 registers (csrc/float_linear.h) where the flags show
 AVX512F and AVX512VL (SYBIL_FLOAT_WIDE=0 turns that off): the same instructions and
@@ -56,11 +55,11 @@ def int_dot_choices() -> list[str]:
 
 
 def int_dot() -> str:
-    """The integer dot products to use: SYBIL_INT_DOT if set (and supported), else the
-    fastest the flags allow, as measured on a 2-core Zen 5 (gpt2-medium int8, cache of
-    256, one run): zmm AVX512 made a 9-token forward 22.5 ms against 35.1 for AVX2 and
-    32.6-36.6 for VNNI on ymm (which only folds one instruction of five); then AVX-VNNI
-    (VEX) before AVX512-VNNI on ymm (the same instruction, a shorter encoding)."""
+    """The integer dot products to use: SYBIL_INT_DOT if set (and supported), else VNNI
+    where the flags allow: on a 2-core Zen 4 (gpt2-medium, cache of 256, one run) a
+    9-token int8 forward took 27.4 ms against 36.7 for AVX2, int4 30.4 against 41.7.
+    AVX512-VNNI first: it broadcasts x's four bytes inside vpdpbusd, where AVX-VNNI
+    (VEX) needs a broadcast of its own."""
     choices = int_dot_choices()
     env = os.environ.get("SYBIL_INT_DOT")
     if env is not None:
