@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype for every engine (float32)")
     p.add_argument("--quantize", choices=QUANTIZE, default="none", help="the target's weights: " + QUANTIZE_HELP)
     p.add_argument("--draft-quantize", choices=DRAFT_QUANTIZE, default="none",
-                   help="the draft's weights (auto: int8 where the CPU kernels run)")
+                   help="the draft's weights (auto: int4 where the CPU kernels run, as sybil.generate and serve choose)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="the draft's head covers ids below N and <|endoftext|> only")
     p.add_argument("--no-peers", action="store_true", help="skip the CTranslate2 and llama.cpp rows")

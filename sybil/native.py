@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-SOURCES = ("kernels.cpp", "float_linear.h", "pool.h", "simd.h", "int_linear.h", "elementwise.h")  # what the build reads: all of it keys the cached library
+SOURCES = ("kernels.cpp", "float_linear.h", "pool.h", "simd.h", "int_linear.h", "elementwise.h", "attention.h")  # what the build reads: all of it keys the cached library
 
 
 INT_DOTS = {"avx2": ((), 0), "avxvnni": (("avx_vnni",), 1), "avx512vnni": (("avx512_vnni", "avx512vl"), 2)}
