@@ -13,15 +13,16 @@
 // channels from flattening the rest of the row, see the README's accuracy table).
 //
 // Bits: each block's dot product is an exact int32 sum; the blocks of a row are
-// accumulated in float32 in a fixed order (8 lanes over the blocks, then the one
-// hsum of kernels.cpp), and a row is quantized on its own. So a row's result is
+// accumulated in float32 in a fixed order (one lane per weight row, the blocks one
+// after another), and a row is quantized on its own. So a row's result is
 // the same whatever the row count, blocking or thread split: a decode step and a
 // verify give the same bits, as on every other path.
 //
 // VNNI: vpdpbusd adds the four u8 x s8 products of each int32 lane in one
 // instruction, where AVX2 needs vpmaddubsw (pairs, int16) then vpmaddwd (pairs of
-// pairs). Both give each lane the exact sum of the same four columns, so the VNNI
-// path gives the same bits as the AVX2 path (tests/test_matmul.py checks it). It is
+// pairs). Both give each block the same exact integer (the operands differ, see
+// q8_dots), so the VNNI path gives the same bits as the AVX2 path
+// (tests/test_matmul.py checks it). It is
 // written as inline assembly: no function needs a target attribute, and the
 // library builds with -mavx2 on any machine; sybil.native picks the path from the
 // CPU's flags and sets it here (set_int_dot), never assuming it.
