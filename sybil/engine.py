@@ -591,7 +591,8 @@ class Batch:
         windows = self._windows(decoding)
         rounds = dec.round(windows)
         if self.prefill:
-            self.prefill.update(dec.prefilled, sum(decoding), dec.verify_s)
+            drafted = sum(len(r.drafts) for r in rounds if r is not None)
+            self.prefill.update(dec.prefilled, sum(decoding), dec.verify_s, drafted)
         self._learn(rounds)
         now = time.perf_counter()
         done = [self._commit(b, rnd, now) for b, rnd in enumerate(rounds) if rnd is not None and self.rows[b]]

@@ -44,12 +44,17 @@ class PrefillBudget:
             return self.FIRST
         return int(min(self.IDLE, max(self.LEAST, (self.STALL - 1) * self.round_s / self.token_s)))
 
-    def update(self, prefilled: int, decoding: int, seconds: float) -> None:
-        """Record a round's forward: prompt tokens fed, rows decoding, its seconds."""
+    def update(self, prefilled: int, decoding: int, seconds: float, drafted: int = 0) -> None:
+        """Record a round's forward: prompt tokens fed, rows decoding, its seconds, and
+        the draft tokens it verified. A draft token costs the forward what a prompt token
+        does, so both count as the tokens past a plain round's: priced as prompt cost,
+        the drafts of a speculating batch shrank its chunk to LEAST (a server with a
+        draft took 11 rounds instead of 4 to fill its 8 slots)."""
         if not decoding:
             return  # a prefill alone says nothing about a decoding round
         ema = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new  # noqa: E731
-        if prefilled == 0:
+        extra = prefilled + drafted
+        if extra == 0:
             self.round_s = ema(self.round_s, seconds)
         elif self.round_s is not None:
-            self.token_s = ema(self.token_s, max(seconds - self.round_s, 1e-6) / prefilled)
+            self.token_s = ema(self.token_s, max(seconds - self.round_s, 1e-6) / extra)

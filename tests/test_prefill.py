@@ -26,6 +26,18 @@ def test_auto_feeds_what_makes_a_round_cost_stall_rounds_from_measured_costs():
     assert budget.tokens(4) == max(PrefillBudget.LEAST, int((stall - 1) * 0.020 / 0.005))
 
 
+def test_draft_tokens_are_priced_as_tokens_not_as_a_plain_round_or_prompt_cost():
+    """A speculating batch's verify feeds drafts: they make the round dearer by what they
+    cost, so they neither raise the plain round's time nor the price of a prompt token."""
+    budget = PrefillBudget("auto", decay=0.0)
+    budget.update(0, 4, 0.080)
+    budget.update(0, 4, 0.180, drafted=20)  # 20 drafts at 5 ms: still the 80 ms plain round
+    assert budget.round_s == 0.080 and budget.token_s == pytest.approx(0.005)
+    budget.update(10, 4, 0.180, drafted=10)  # 10 prompt tokens and 10 drafts: 5 ms a token
+    assert budget.token_s == pytest.approx(0.005)
+    assert budget.tokens(4) == int((PrefillBudget.STALL - 1) * 0.080 / 0.005)
+
+
 def test_auto_is_bounded_and_gives_everything_when_no_row_decodes():
     budget = PrefillBudget("auto", decay=0.0)
     budget.update(0, 8, 1.0)
