@@ -56,9 +56,11 @@ inline __m256 gelu8(__m256 x) {
   return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }
 
-inline float exp1(float x) {
+// f of one float through the 8-lane form: a vector tail gets the body's bits.
+template <__m256 (*F)(__m256)>
+inline float one(float x) {
   alignas(32) float v[8] = {x};
-  _mm256_store_ps(v, exp8(_mm256_load_ps(v)));
+  _mm256_store_ps(v, F(_mm256_load_ps(v)));
   return v[0];
 }
 
@@ -74,7 +76,7 @@ inline float exp_sum(float* s, int64_t n, float mx) {
     acc = _mm256_add_ps(acc, e);
   }
   float sum = hsum(acc);
-  for (; i < n; ++i) sum += (s[i] = exp1(s[i] - mx));
+  for (; i < n; ++i) sum += (s[i] = one<exp8>(s[i] - mx));
   return sum;
 }
 
@@ -91,17 +93,11 @@ inline float max_of(const float* s, int64_t n) {
   return mx;
 }
 
-inline float gelu1(float x) {
-  alignas(32) float v[8] = {x};
-  _mm256_store_ps(v, gelu8(_mm256_load_ps(v)));
-  return v[0];
-}
-
 // y[i] = gelu(x[i]) for i < n (y may be x).
 inline void gelu(const float* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) y[i] = gelu1(x[i]);
+  for (; i < n; ++i) y[i] = one<gelu8>(x[i]);
 }
 
 }  // namespace sybil
