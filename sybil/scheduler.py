@@ -10,6 +10,7 @@ a callback, called on this thread, that must not block.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from sybil.engine import Batch, Generation, make_drafter
 from sybil.errors import SybilError
 from sybil.logprobs import TokenLogprob
 from sybil.model import GPT
+from sybil.prompt_cache import next_admission
 from sybil.round_log import RoundRecord
 from sybil.sampling import SamplingParams
 
@@ -57,6 +59,7 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     cached: int = 0  # prompt tokens its slot already held (set before its first event)
+    passed: int = 0  # times a job queued behind it was admitted first (sybil.prompt_cache.next_admission)
 
 
 class QueueFull(SybilError):
@@ -70,6 +73,8 @@ class ShuttingDown(SybilError):
 class Scheduler:
     """Owns the target (and draft) and a Batch of max_batch slots; runs rounds on its
     own thread while any job is running."""
+
+    WINDOW = 16  # queued jobs considered for each free slot (each a prefix match per free slot)
 
     def __init__(
         self,
@@ -188,14 +193,26 @@ class Scheduler:
                 admit = []
                 free = [b for b in self.batch.free_slots() if self.jobs[b] is None]
                 while self.queue and free:  # each job to the free slot holding most of its prompt
-                    slot = self.batch.best_slot(self.queue[0].prompt, free)
+                    job = self._next(free)
+                    slot = self.batch.best_slot(job.prompt, free)
                     free.remove(slot)
-                    job = self.queue.popleft()
                     self.jobs[slot] = job
                     admit.append((slot, job))
                 if admit or self.batch.active:
                     return admit
                 self.cond.wait()
+
+    def _next(self, free: list[int]) -> Job:
+        """The queued job that takes a free slot next, taken off the queue: of the oldest
+        WINDOW, the one the free slots hold most of (sybil.prompt_cache.next_admission;
+        a job passed over max_batch times goes first)."""
+        window = list(itertools.islice(self.queue, self.WINDOW))
+        i = next_admission([j.prompt for j in window], [j.passed for j in window],
+                           lambda p: max(self.batch.dec.reusable(b, p) for b in free), self.max_batch)
+        for ahead in window[:i]:
+            ahead.passed += 1
+        del self.queue[i]
+        return window[i]
 
     def _add(self, slot: int, job: Job) -> None:
         seed = job.seed  # None when sampling: Batch.add draws a fresh one

@@ -109,6 +109,27 @@ def test_a_cancelled_job_leaves_and_its_slot_serves_the_next(models):
     s.stop()
 
 
+def test_a_waiting_job_whose_prompt_the_free_slot_holds_goes_before_an_older_one(models):
+    """First come, first served would overwrite the one free slot's prompt with the older
+    job's and prefill the younger's from scratch; both outputs stay their solo runs."""
+    target, _ = models
+    s = Scheduler(target, max_batch=1, max_queue=4)
+    s.start()
+    held, other = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24]
+    first, sink = _job(held, 3)
+    s.submit([first])
+    assert sink.done.wait(30)
+    (older, older_sink), (younger, younger_sink) = _job(other, 5), _job(held + [17], 5)
+    s.submit([older, younger])  # both wait for the one slot, which holds `held`
+    assert older_sink.done.wait(30) and younger_sink.done.wait(30)
+    assert younger.cached == len(held) and older.cached == 0
+    assert younger_sink.events[-1].time < older_sink.events[0].time  # it ran first
+    assert older.passed == 1
+    for job, got in ((older, older_sink), (younger, younger_sink)):
+        assert got.tokens == sybil.generate(target, job.prompt, 5, stop_at_eos=False).tokens
+    s.stop()
+
+
 def test_stop_cancels_what_is_left_and_refuses_new_jobs(models):
     target, _ = models
     s = Scheduler(target, max_batch=1, max_queue=4)
