@@ -252,12 +252,10 @@ class BatchK:
         spread = {b: [self.catchup_s(b, k, lags.get(b, 0), room) for k in range(len(gains[b]))]
                   for b, room in rooms.items()}
         slope = v_slope + d_slope
-        plain_s = self.cost_s(plain, extra_tokens)
 
         def rate(ks: dict[int, int]) -> float:  # self.rate(ks, extra_tokens, lags, rooms), from the tables
-            catchups = sum(spread[b][k] for b, k in ks.items()) if lags and max(ks.values(), default=0) else 0.0
-            cost = self.cost_s(ks, extra_tokens) if any(ks.values()) else plain_s
-            return sum(gains[b][k] for b, k in ks.items()) / max(cost + catchups, 1e-9)
+            catchups = sum(spread[b][k] for b, k in ks.items())  # 0 where k or the lag is 0 (catchup_s)
+            return sum(gains[b][k] for b, k in ks.items()) / max(self.cost_s(ks, extra_tokens) + catchups, 1e-9)
 
         for cap in range(1, top + 1):
             trial = best_rate
