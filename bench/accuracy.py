@@ -27,12 +27,13 @@ import torch.nn.functional as F
 import sybil
 from bench.throughput import step_costs
 from bench.workload import plant_outliers, random_model, real_model
-from sybil import native
-from sybil.cli import OneLineParser, run_cli
-from sybil.drafters import weight_bytes
+from sybil.cli.common import OneLineParser, run_cli
+from sybil.engine.scoring import perplexity, sliding_nll
 from sybil.errors import SybilError
-from sybil.logprobs import perplexity, sliding_nll
-from sybil.tokenizer import encode
+from sybil.model.gpt import weight_bytes
+from sybil.ops import native
+from sybil.weights.loader import quantize_weights
+from sybil.weights.tokenizer import encode
 
 PATHS = ("float32", "int8wo", "int8", "int8 unsmoothed", "int4")
 
@@ -61,8 +62,8 @@ def quantized(model: sybil.GPT, path: str) -> sybil.GPT:
     if path == "float32":
         return q
     if path == "int8 unsmoothed":
-        return q.quantize("int8", smooth=False)
-    return q.quantize(path)
+        return quantize_weights(q, "int8", smooth=False)
+    return quantize_weights(q, path)
 
 
 def measure(base: sybil.GPT, idx: torch.Tensor, text: list[int]) -> list[dict]:

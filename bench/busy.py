@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sybil.cli import OneLineParser, run_cli
+from sybil.cli.common import OneLineParser, run_cli
 from sybil.errors import SybilError
 
 SHAPES = {
@@ -70,7 +70,7 @@ def pool_note() -> str:
     fallback) and the share of parallel time the caller waited for a helper's chunk."""
     import torch
 
-    from sybil import native
+    from sybil.ops import native
 
     if not native.available() or not hasattr(torch.ops.sybil, "pool_stats"):
         return ""

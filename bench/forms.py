@@ -5,7 +5,7 @@ For int8 and int4 weights, every integer dot-product form this CPU has
 (`none`), the float linear on 16 registers and, where AVX512VL is, on 32. Each runs
 the same forwards (1, 5 and 9 tokens with 256 tokens cached), the forms taking turns
 round after round in one process, so the machine's drift falls on all of them
-alike. The forms give the same bits (tests/test_matmul.py); only their speed
+alike. The forms give the same bits (tests/ops/test_dispatch.py); only their speed
 differs, and this is where the choices in sybil.native come from.
 """
 
@@ -18,8 +18,9 @@ import torch
 
 from bench.throughput import step_costs
 from bench.workload import random_model
-from sybil import native
 from sybil.errors import SybilError
+from sybil.ops import native
+from sybil.weights.loader import quantize_weights
 
 WIDTHS = (1, 5, 9)
 
@@ -50,7 +51,7 @@ def measure(target: str, modes: list[str], rounds: int, repeats: int) -> dict[tu
     for mode in modes:
         model = random_model(target, 0, torch.float32, torch.device("cpu"))
         if mode != "none":
-            model.quantize(mode)
+            quantize_weights(model, mode)
         for _ in range(rounds):
             for form in forms(mode):
                 use(mode, form)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sybil.tokenizer import EOT, mergeable_ranks
+from sybil.weights.tokenizer import EOT, mergeable_ranks
 
 # compute type for each (dtype, quantize) the benchmark runs
 CT2_COMPUTE = {("float32", None): "float32", ("float32", "int8"): "int8_float32", ("bfloat16", None): "bfloat16",
@@ -111,7 +111,7 @@ def ct2_peer(hf_model, dtype: torch.dtype, quantize: str | None) -> tuple[CT2Pee
     if (str(dtype).removeprefix("torch."), quantize) not in CT2_COMPUTE:
         return None, f"no CTranslate2 compute type matches {quantize} weights"
     try:
-        from sybil import native
+        from sybil.ops import native
 
         return CT2Peer(hf_model, str(dtype).removeprefix("torch."), quantize, native.threads()), ""
     except (RuntimeError, ValueError) as e:

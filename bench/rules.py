@@ -18,10 +18,10 @@ import sys
 import torch
 
 from bench.workload import noisy_copy
-from sybil.cli import OneLineParser, run_cli
-from sybil.config import GPTConfig
-from sybil.model import GPT
-from sybil.sampling import SamplingParams, probs_from_logits
+from sybil.cli.common import OneLineParser, run_cli
+from sybil.model.config import GPTConfig
+from sybil.model.gpt import GPT
+from sybil.sample.params import SamplingParams, probs_from_logits
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=2048, n_positions=128)  # the engine tests' shape
 

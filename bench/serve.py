@@ -37,9 +37,21 @@ import httpx
 
 from bench import mixed
 from bench.workload import SimulatedDrafter, load_prompts, random_model, real_model
-from sybil.cli import OneLineParser, run_cli
+from sybil import generate
+from sybil.cli.common import (
+    DRAFT_QUANTIZE_HELP,
+    OneLineParser,
+    parse_chunk,
+    parse_k,
+    run_cli,
+)
+from sybil.engine.factory import EngineConfig, load
+from sybil.engine.round_log import RoundLog
 from sybil.errors import SybilError
-from sybil.loader import DRAFT_QUANTIZE, DRAFT_QUANTIZE_HELP
+from sybil.model.gpt import GPT
+from sybil.serve.http import bind, serve
+from sybil.serve.scheduler import Scheduler
+from sybil.weights.loader import DRAFT_QUANTIZE, quantize_weights
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -180,46 +192,34 @@ def start_worker(args, with_draft: bool, chunk: str = "auto", cache: bool = True
 
 
 def worker(args) -> int:
-    """The server the benchmark starts: sybil's own scheduler and HTTP layer, with models
-    built here so that random weights and the simulated drafter can be used."""
-    import torch
+    """The server the benchmark starts: sybil's own factory, scheduler and HTTP layer, with
+    random weights built here and the simulated drafter around the draft model."""
+    config = EngineConfig(model=args.target, dtype=args.dtype, device="cpu", quantize=args.quantize,
+                          draft=None if args.draft == "none" else args.draft, draft_quantize=args.draft_quantize,
+                          k=parse_k(args.k), max_batch=args.max_batch, max_queue=4 * args.max_batch,
+                          prefill_chunk=parse_chunk(args.prefill_chunk) or None,
+                          prompt_cache=not args.no_prompt_cache)
 
-    from sybil import generate
-    from sybil.loader import load_model, resolve_device, resolve_draft_quantize, resolve_dtype
-    from sybil.round_log import RoundLog
-    from sybil.scheduler import Scheduler
-    from sybil.serve import bind, serve
+    def build(name, dtype, device, quantize):  # sybil.engine.factory.Build, over the benchmark's weights
+        if args.weights == "random":
+            model = random_model(name, 0 if name == args.target else 1, dtype, device)
+        else:
+            model = real_model(name, dtype, device)
+        return quantize_weights(model, quantize) if quantize else model
 
-    torch.set_grad_enabled(False)
-    device = resolve_device("cpu")
-    dtype, _ = resolve_dtype(args.dtype, device)
-    build = (lambda name, seed: random_model(name, seed, dtype, device)) if args.weights == "random" else (
-        lambda name, seed: real_model(name, dtype, device))
-    target = build(args.target, 0)
-    if args.quantize != "none":
-        target.quantize(args.quantize)
-    draft, label = None, ""
-    if args.draft in ("ngram", "suffix"):
-        draft, label = args.draft, f", draft {args.draft} k={args.k}"
-    elif args.draft != "none":
-        quantize = resolve_draft_quantize(args.draft_quantize, device)
-        model = build(args.draft, 1) if args.weights == "random" else load_model(args.draft, dtype, device)
-        if quantize:
-            model.quantize(quantize)
-        draft, label = model, f", draft {args.draft} ({quantize}) k={args.k}"
+    loaded = load(config, build)
+    label = f", draft {args.draft} k={args.k}" if config.draft in ("ngram", "suffix") else ""
+    if isinstance(loaded.draft, GPT):
+        label = f", draft {args.draft} ({loaded.draft.quantized}) k={args.k}"
         if args.weights == "random":
             # The target's greedy continuation of every benchmark prompt, so the simulated
             # draft can propose the right token with probability A, whatever slot it is in.
-            table = [p + generate(target, p, args.max_tokens, stop_at_eos=False).tokens
+            table = [p + generate(loaded.model, p, args.max_tokens, stop_at_eos=False).tokens
                      for p in load_prompts(args.prompts)]
-            draft = SlotSimulatedDrafter(model, target.config.n_positions, args.max_batch, table,
-                                         args.simulate_acceptance)
+            loaded.draft = SlotSimulatedDrafter(loaded.draft, loaded.model.config.n_positions, args.max_batch, table,
+                                                args.simulate_acceptance)
             label += f", SIMULATED acceptance {args.simulate_acceptance}"
-    chunk = None if args.prefill_chunk == "0" else args.prefill_chunk if args.prefill_chunk == "auto" else int(
-        args.prefill_chunk)
-    scheduler = Scheduler(target, draft, args.k if args.k == "auto" else int(args.k), args.max_batch, 4 * args.max_batch,
-                          prefill_chunk=chunk, prompt_cache=not args.no_prompt_cache,
-                          round_log=RoundLog(args.round_log) if args.round_log else None)
+    scheduler = Scheduler.from_config(loaded, RoundLog(args.round_log) if args.round_log else None)
     label += f", prefill chunk {args.prefill_chunk}" + (", no prompt cache" if args.no_prompt_cache else "")
     serve(scheduler, args.target, bind("127.0.0.1", 0), 1.0, f"{args.target} ({args.weights} weights{label})")
     return 0

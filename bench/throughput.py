@@ -25,15 +25,28 @@ import torch
 import sybil
 from bench.llamacpp import llamacpp_peer
 from bench.peers import ct2_installed, ct2_peer
-from bench.workload import SimulatedDrafter, hf_mirror, load_prompts, random_model, real_model
-from sybil.cli import OneLineParser, run_cli
+from bench.workload import (
+    SimulatedDrafter,
+    hf_mirror,
+    load_prompts,
+    random_model,
+    real_model,
+)
+from sybil.cli.common import QUANTIZE_HELP, OneLineParser, run_cli
 from sybil.errors import SybilError
-from sybil.kv_cache import KVCache
-from sybil import memory, native
-from sybil.loader import (DRAFT_QUANTIZE, QUANTIZE, QUANTIZE_HELP, check_quantize, resolve_device,
-                          resolve_draft_quantize, resolve_dtype)
-from sybil.adaptive import expected_tokens
-from sybil.drafters import weight_bytes
+from sybil.model.gpt import weight_bytes
+from sybil.model.kv_cache import KVCache
+from sybil.ops import memory, native
+from sybil.spec.controller import expected_tokens
+from sybil.weights.loader import (
+    DRAFT_QUANTIZE,
+    QUANTIZE,
+    check_quantize,
+    quantize_weights,
+    resolve_device,
+    resolve_draft_quantize,
+    resolve_dtype,
+)
 
 STEP_TOKENS = (1, 2, 4, 5, 8)
 
@@ -457,9 +470,9 @@ def run(args: argparse.Namespace) -> int:
             llama, llama_note = llamacpp_peer(hf_target if hf_target is not None else hf_mirror(target), quantize,
                                               native.threads())
     if quantize:
-        target.quantize(quantize)
+        quantize_weights(target, quantize)
     if draft_quantize:
-        draft.quantize(draft_quantize)
+        quantize_weights(draft, draft_quantize)
 
     progress("measuring memory bandwidth and step costs")
     with torch_threads(native.threads()):  # torch's sum reads with every core

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 
 import sybil
-from sybil import memory
-from sybil.config import PRESETS, GPTConfig
-from sybil.drafters import ModelDrafter
 from sybil.errors import SybilError
-from sybil.loader import key_action, resolve_checkpoint
-from sybil.model import GPT
-from sybil.sampling import SamplingParams
-from sybil.tokenizer import encode
+from sybil.model.config import PRESETS, GPTConfig
+from sybil.model.gpt import GPT
+from sybil.ops import memory
+from sybil.sample.params import SamplingParams
+from sybil.spec.model_drafter import ModelDrafter
+from sybil.weights.loader import key_action, resolve_checkpoint
+from sybil.weights.tokenizer import encode
 
 
 def load_prompts(n: int) -> list[list[int]]:
@@ -113,12 +113,12 @@ class SimulatedDrafter(ModelDrafter):
             self.rng.shuffle(self.deck)
         return self.deck.pop()
 
-    def _confidence(self, logits: torch.Tensor, token: int) -> float:
+    def confidence(self, logits: torch.Tensor, token: int) -> float:
         """The simulated draft is right with probability `acceptance`, and knows it; the
         random model's own probability of a token it did not choose would mean nothing."""
         return self.acceptance
 
-    def _pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
+    def pick_greedy(self, logits: torch.Tensor, row: int, position: int) -> int:
         if position >= len(self.oracles[row]):
             return int(logits.argmax())
         right = self.oracles[row][position]

@@ -55,8 +55,9 @@ def hf_model(path: Path):
 def eos_checkpoint(tmp_path_factory, hf_checkpoint):
     """The 'small' model with <|endoftext|>'s embedding aimed at token X = 1000: it
     then predicts end-of-text mostly right after X, so an EOS can land mid-sequence."""
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     src = hf_checkpoint("small")
     t = load_file(src / "model.safetensors")
@@ -137,8 +138,9 @@ class Server:
 @pytest.fixture(scope="session")
 def noisy_checkpoint(tmp_path_factory, hf_checkpoint):
     """The 'small' checkpoint with a little noise on every weight: a draft that mostly agrees."""
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     src = hf_checkpoint("small")
     t = load_file(src / "model.safetensors")
