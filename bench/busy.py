@@ -85,9 +85,10 @@ def worker(engine: str, precision: str, folder: Path, n: int, repeats: int) -> f
         import torch
 
         import sybil
+        from sybil.ops import native
 
         torch.set_grad_enabled(False)
-        sybil.native.available()
+        native.available()
         model = sybil.load_model(folder / "hf", torch.float32, quantize="int8" if precision == "int8" else None)
         if engine == "sybil-thread":  # the same call from a threading.Thread (the walkthrough's main-thread anomaly)
             import threading

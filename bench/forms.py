@@ -1,12 +1,12 @@
 """python -m bench.forms: the CPU kernels' forms side by side.
 
 For int8 and int4 weights, every integer dot-product form this CPU has
-(sybil.native.int_dot_choices: AVX2, AVX-VNNI, AVX512-VNNI); for float32
+(sybil.ops.native.int_dot_choices: AVX2, AVX-VNNI, AVX512-VNNI); for float32
 (`none`), the float linear on 16 registers and, where AVX512VL is, on 32. Each runs
 the same forwards (1, 5 and 9 tokens with 256 tokens cached), the forms taking turns
 round after round in one process, so the machine's drift falls on all of them
 alike. The forms give the same bits (tests/ops/test_dispatch.py); only their speed
-differs, and this is where the choices in sybil.native come from.
+differs, and this is where the choices in sybil.ops.native come from.
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs into its row (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--round-log", type=Path, default=None, metavar="DIR",
-                   help="each Sybil server's rounds (sybil.round_log) into DIR/<setup>.jsonl (none, sequential, "
+                   help="each Sybil server's rounds (sybil.engine.round_log) into DIR/<setup>.jsonl (none, sequential, "
                         "draft; the worker is given its file)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-prompt-cache", action="store_true", help=argparse.SUPPRESS)  # the worker's

@@ -77,7 +77,7 @@ def progress(msg: str) -> None:
 def read_bandwidth_gbps(mb: int = 1024, repeats: int = 7) -> float:
     """Memory read bandwidth with every core (torch's sum runs on all its threads) over a
     buffer far larger than any cache; the best pass, since noise only ever slows a pass.
-    The buffer lives in 2 MiB pages where the weights do (sybil.memory): they read faster."""
+    The buffer lives in 2 MiB pages where the weights do (sybil.ops.memory): they read faster."""
     x = memory.zeros((mb * 2**20 // 4,), torch.float32).fill_(1.0)
     x.sum()
     times = []

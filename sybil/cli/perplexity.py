@@ -1,6 +1,6 @@
 """python -m sybil.perplexity: the perplexity of a text under a GPT-2, by strided
 sliding windows (the method of the Hugging Face perplexity guide; the windows and
-the log-softmax are sybil.logprobs', which the server's echo uses too).
+the log-softmax are sybil.sample.logprobs', which the server's echo uses too).
 
 Every token but the first is scored exactly once, each predicted from up to
 --context tokens of its window before it. The result goes to stdout (one JSON

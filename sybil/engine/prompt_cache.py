@@ -8,7 +8,7 @@ them). A prompt whose log-probabilities are asked (echo with logprobs: an evalua
 client scoring one context once per answer) also takes those of a scored prefix.
 
 Only where entries are bitwise those of a fresh prefill, whatever the split: the CPU
-kernels compute every row and query on its own (Decoder decides, `enabled`).
+kernels compute every row and query on its own (the engine core decides, `enabled`).
 
 When more requests wait than slots are free, the order they are admitted in decides
 what the cache keeps (next_admission): a free slot is overwritten by whoever takes it.

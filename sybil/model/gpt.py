@@ -168,7 +168,7 @@ class GPT(nn.Module):
 
         rows [T] (CPU only, with input_pos [1, T]) packs several cache rows into one
         sequence without padding: token t is written to and attends within cache row
-        rows[t], so a forward costs the real tokens only (sybil.steps).
+        rows[t], so a forward costs the real tokens only (sybil.model.runner).
         """
         B, T = idx.shape
         if cache is None:

@@ -89,7 +89,7 @@ class Int8WOLinear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8WOLinear":
         q, scale = quantize_int8(weight)
-        packed = memory.rehome(pack_int8(q))  # in 2 MiB pages on the CPU: sybil.memory says why
+        packed = memory.rehome(pack_int8(q))  # in 2 MiB pages on the CPU: sybil.ops.memory says why
         return cls(packed, scale, None if bias is None else bias.detach())
 
     matmul = staticmethod(linear_int8)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP layer: routes, errors, streaming, metrics (the shapes
-and validation rules are in sybil.openai_schema).
+and validation rules are in sybil.serve.schema).
 
 It never touches a model. Each route is a small function on one APIRouter, reading
 what it shares from app.state.served. A completion request becomes one scheduler

@@ -4,7 +4,7 @@ engine core (sybil.engine.core) over the requests in flight.
 Requests wait in a bounded queue and join the running batch at round boundaries,
 each in a free slot of the preallocated caches; a row leaves when it finishes or
 its client cancels, and its slot is free for the next round. The HTTP layer
-(sybil.api) never touches a model: it submits Jobs and receives Events through
+(sybil.serve.api) never touches a model: it submits Jobs and receives Events through
 a callback, called on this thread, that must not block.
 """
 

@@ -1,5 +1,5 @@
 """The OpenAI completion API's shapes, as /openapi.json publishes them, and the rules
-that turn a request into validated prompts (sybil.api serves them).
+that turn a request into validated prompts (sybil.serve.api serves them).
 
 Types are read as JSON Schema reads them (false is not token 0, "7" is not an
 integer), and every rule a schema cannot say (the vocabulary, the context, what

@@ -1,6 +1,6 @@
 """Choosing each row's draft window per round, for the whole batch (`k="auto"`).
 
-One K for every row (sybil.adaptive) loses once rows are many: a verify of B rows
+One K for every row (sybil.spec.adaptive) loses once rows are many: a verify of B rows
 feeds B * (K + 1) tokens, so on a machine that is compute-bound past a few tokens the
 round costs far more than a plain step of B rows, while each row still commits about
 E(K) tokens. So the round is priced as a whole, as SmartSpec and TurboSpec do, and

@@ -27,9 +27,9 @@ class ModelDrafter(Drafter):
     accepted) drops below it.
 
     vocab=N drafts from ids below N and <|endoftext|> only (GPT.forward's reduced
-    head). The draft never decides what is kept: its q is its own distribution
-    renormalised on that subset, and the rejection rule still yields the target's
-    distribution exactly.
+    head). The draft never decides what is kept: it proposes from its own distribution
+    renormalised on that subset, and the position-keyed acceptance rule keeps only the
+    tokens the target itself chooses (sybil.sample.accept), so the output is unchanged.
     """
 
     def __init__(

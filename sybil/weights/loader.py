@@ -179,7 +179,7 @@ def load_checkpoint(
             model = GPT(config)
         expected = {k: tuple(p.shape) for k, p in model.state_dict().items() if k != "lm_head.weight"}
         state: dict[str, torch.Tensor] = {}
-        # Float weights on the CPU go into 2 MiB pages (sybil.memory says why) as they are
+        # Float weights on the CPU go into 2 MiB pages (sybil.ops.memory says why) as they are
         # read, transposed in the same copy: one copy of the model, not a transposed one and
         # then a rehomed one (float32 gpt2-medium, four loads in one process, 2-core Zen 3:
         # 0.73-1.25 s against 1.44-2.33 s). Quantized weights are rehomed as they are made.
