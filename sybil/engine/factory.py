@@ -9,7 +9,7 @@ weights in the real shapes for the benchmarks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -52,12 +52,6 @@ class EngineConfig:
     prefill_chunk: int | str | None = "auto"  # prompt tokens per round beside decoding rows (None: whole)
     prompt_cache: bool = True  # reuse cache entries of a prefix a slot holds
 
-    def describe(self, dtype: torch.dtype, device: torch.device, quantized: str | None, name: str | None = None) -> str:
-        """One line for logs: the model (as `name` if given), its precision and the draft."""
-        what = f"{name or self.model} ({str(dtype).removeprefix('torch.')} on {device}"
-        what += f", {quantized} weights" if quantized else ""
-        return what + (f", draft {self.draft} k={self.k})" if self.draft else ")")
-
 
 @dataclass
 class Loaded:
@@ -71,7 +65,11 @@ class Loaded:
     dtype_reason: str  # why dtype "auto" chose what it did
 
     def describe(self, name: str | None = None) -> str:
-        return self.config.describe(self.dtype, self.device, self.model.quantized, name)
+        """One line for logs: the model (as `name` if given), its precision and the draft."""
+        c = self.config
+        what = f"{name or c.model} ({str(self.dtype).removeprefix('torch.')} on {self.device}"
+        what += f", {self.model.quantized} weights" if self.model.quantized else ""
+        return what + (f", draft {c.draft} k={c.k})" if c.draft else ")")
 
 
 def load(config: EngineConfig, build: Build = load_checkpoint_model) -> Loaded:
@@ -94,9 +92,7 @@ def load_draft(config: EngineConfig, target: GPT, build: Build = load_checkpoint
     if draft in (None, "ngram", "suffix"):
         return draft
     if draft.startswith("suffix+"):
-        inner = EngineConfig(model=config.model, quantize=config.quantize, draft=draft.removeprefix("suffix+"),
-                             draft_quantize=config.draft_quantize)
-        return ["suffix", load_draft(inner, target, build)]
+        return ["suffix", load_draft(replace(config, draft=draft.removeprefix("suffix+")), target, build)]
     device = target.device
     draft_q = resolve_draft_quantize(config.draft_quantize, device)
     if draft == config.model and draft_q == check_quantize(config.quantize, device):
